@@ -1,0 +1,83 @@
+"""Megatron distributed checkpoints (torch_dist) of model chunks and optimizer state.
+
+The layout on disk is megatron's: tensors are keyed by their global (unsharded) identity, so
+a checkpoint saved at one TP/PP/VPP/CP/DP layout loads at another. Model chunks are stored
+under ``model`` (one chunk) or ``model0``, ``model1``, ... (virtual pipeline stages), as
+Megatron-LM does; the keys inside are global layer numbers, so VPP may change between save
+and load. Distributed-optimizer state is saved ``fully_reshardable``
+(:data:`psft_megatron.distopt_fixes.DISTOPT_SAVE_METADATA`), which DP changes need; a plain
+optimizer and a distributed optimizer checkpoint are not interchangeable.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, List, Optional
+
+from psft_megatron.distopt_fixes import DISTOPT_SAVE_METADATA
+
+
+def _model_key(index: int, num_chunks: int) -> str:
+    return "model" if num_chunks == 1 else f"model{index}"
+
+
+def uses_distributed_optimizer(optimizer) -> bool:
+    """True if ``optimizer`` (or any optimizer in a ChainedOptimizer) is a DistributedOptimizer."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    inner = getattr(optimizer, "chained_optimizers", [optimizer])
+    return any(isinstance(opt, DistributedOptimizer) for opt in inner)
+
+
+def unwrap(module):
+    """The GPTModel inside megatron wrappers (DDP, Float16Module)."""
+    while hasattr(module, "module"):
+        module = module.module
+    return module
+
+
+def _sharded_state_dict(chunks, optimizer, is_loading: bool, common: Optional[Dict[str, Any]]) -> dict:
+    state: Dict[str, Any] = {
+        _model_key(i, len(chunks)): unwrap(chunk).sharded_state_dict() for i, chunk in enumerate(chunks)
+    }
+    if optimizer is not None:
+        metadata = DISTOPT_SAVE_METADATA if uses_distributed_optimizer(optimizer) else None
+        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading, metadata=metadata)
+    if common:
+        state.update(common)
+    return state
+
+
+def save_checkpoint(ckpt_dir: str, chunks: List, optimizer=None, common: Optional[Dict[str, Any]] = None) -> None:
+    """Save model chunks (and optimizer state) to ``ckpt_dir`` (collective: call on every rank).
+
+    Args:
+        ckpt_dir: directory; created if missing, must be empty.
+        chunks: this rank's model chunks (GPTModel or megatron DDP wrappers).
+        optimizer: megatron optimizer, or None for weights only.
+        common: small picklable values stored once (e.g. ``{"iteration": 10}``).
+    """
+    from megatron.core import dist_checkpointing
+
+    os.makedirs(ckpt_dir, exist_ok=True)
+    dist_checkpointing.save(_sharded_state_dict(chunks, optimizer, False, common), ckpt_dir)
+
+
+def load_checkpoint(ckpt_dir: str, chunks: List, optimizer=None, strict: bool = True) -> Dict[str, Any]:
+    """Load what :func:`save_checkpoint` wrote into ``chunks`` (and ``optimizer``), at any layout.
+
+    Returns:
+        the loaded state dict's non-model, non-optimizer entries (the ``common`` values).
+    Raises:
+        FileNotFoundError: naming ``ckpt_dir`` if it holds no megatron distributed checkpoint.
+    """
+    from megatron.core import dist_checkpointing
+
+    if not dist_checkpointing.check_is_distributed_checkpoint(ckpt_dir):
+        raise FileNotFoundError(f"{ckpt_dir}: not a megatron distributed checkpoint (no metadata.json)")
+    state = dist_checkpointing.load(_sharded_state_dict(chunks, optimizer, True, None), ckpt_dir)
+    for i, chunk in enumerate(chunks):
+        unwrap(chunk).load_state_dict(state.pop(_model_key(i, len(chunks))), strict=strict)
+    if optimizer is not None:
+        optimizer.load_state_dict(state.pop("optimizer"))
+    return state

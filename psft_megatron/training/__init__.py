@@ -1,0 +1,1 @@
+"""Training loop pieces on top of megatron-core (model/optimizer set-up, one optimizer step)."""

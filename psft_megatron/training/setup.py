@@ -1,0 +1,111 @@
+"""Model, DDP and optimizer set-up with megatron-core's own classes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+from megatron.core.distributed import DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from psft_megatron.model.builder import build_gpt_chunks, wrap_ddp
+from psft_megatron.model.config import ModelConfig
+
+
+@dataclass
+class TrainingModel:
+    """What :func:`setup_model_and_optimizer` builds for this rank."""
+
+    config: object  # megatron TransformerConfig
+    chunks: List  # megatron DDP-wrapped GPTModel chunks (one per virtual stage)
+    optimizer: object  # megatron optimizer (possibly a ChainedOptimizer)
+    scheduler: OptimizerParamScheduler  # sets lr and weight decay (x wd_mult) per param group
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule in optimizer steps (megatron's OptimizerParamScheduler).
+
+    Attributes:
+        lr_warmup_steps: linear warm-up from 0 to ``OptimizerConfig.lr``.
+        lr_decay_steps: steps over which lr decays to ``min_lr`` (None: no decay horizon, 1).
+        lr_decay_style: "constant", "linear", "cosine", "inverse-square-root" or "WSD".
+        min_lr: lr at the end of the decay.
+    """
+
+    lr_warmup_steps: int = 0
+    lr_decay_steps: Optional[int] = None
+    lr_decay_style: str = "constant"
+    min_lr: float = 0.0
+
+
+def build_scheduler(optimizer, optimizer_config: OptimizerConfig, schedule: ScheduleConfig) -> OptimizerParamScheduler:
+    """megatron's scheduler; it also applies the no-weight-decay groups (``wd_mult``) -
+    without it every group would decay with ``optimizer_config.weight_decay``."""
+    decay_steps = max(schedule.lr_decay_steps or 1, schedule.lr_warmup_steps + 1)
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if schedule.lr_warmup_steps else optimizer_config.lr,
+        max_lr=optimizer_config.lr,
+        min_lr=schedule.min_lr,
+        lr_warmup_steps=schedule.lr_warmup_steps,
+        lr_decay_steps=decay_steps,
+        lr_decay_style=schedule.lr_decay_style,
+        start_wd=optimizer_config.weight_decay,
+        end_wd=optimizer_config.weight_decay,
+        wd_incr_steps=decay_steps,
+        wd_incr_style="constant",
+    )
+
+
+def setup_model_and_optimizer(
+    model_cfg: ModelConfig,
+    parallel,
+    optimizer_config: OptimizerConfig,
+    *,
+    schedule: Optional[ScheduleConfig] = None,
+    layer_spec: Optional[str] = None,
+    use_distributed_optimizer: bool = False,
+    overlap_grad_reduce: bool = False,
+    transformer_overrides: Optional[dict] = None,
+    after_build=None,
+) -> TrainingModel:
+    """Build the GPTModel chunks of this rank, wrap them in megatron DDP, make the optimizer.
+
+    Args:
+        model_cfg: architecture.
+        parallel: :class:`psft_megatron.runtime.ParallelConfig` (already initialised).
+        optimizer_config: megatron ``OptimizerConfig`` (lr, weight decay, betas, clip_grad...).
+        schedule: lr schedule; default constant lr.
+        layer_spec: "te", "local" or "cpu" (None: te with CUDA+TE, else cpu).
+        use_distributed_optimizer: shard optimizer state over DP (ZeRO-1).
+        overlap_grad_reduce: overlap the DP grad reduce-scatter/all-reduce with backward.
+        transformer_overrides: extra ``TransformerConfig`` fields.
+        after_build: optional ``fn(chunks)`` called on the bare chunks before DDP wrapping
+            (e.g. to load weights).
+    """
+    config = model_cfg.to_transformer_config(parallel, **(transformer_overrides or {}))
+    chunks = build_gpt_chunks(model_cfg, config, layer_spec)
+    if after_build is not None:
+        after_build(chunks)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=overlap_grad_reduce,
+        use_distributed_optimizer=use_distributed_optimizer,
+    )
+    ddp_chunks = wrap_ddp(chunks, config, ddp_config)
+    optimizer_config.use_distributed_optimizer = use_distributed_optimizer
+    optimizer_config.params_dtype = config.params_dtype
+    optimizer_config.bf16 = config.bf16
+    optimizer_config.fp16 = config.fp16
+    optimizer = get_megatron_optimizer(optimizer_config, ddp_chunks)
+    config.finalize_model_grads_func = finalize_model_grads
+    if len(ddp_chunks) == 1:
+        config.no_sync_func = ddp_chunks[0].no_sync
+        config.grad_sync_func = ddp_chunks[0].start_grad_sync if overlap_grad_reduce else None
+    else:
+        config.no_sync_func = [chunk.no_sync for chunk in ddp_chunks]
+        config.grad_sync_func = [chunk.start_grad_sync for chunk in ddp_chunks] if overlap_grad_reduce else None
+    scheduler = build_scheduler(optimizer, optimizer_config, schedule or ScheduleConfig())
+    return TrainingModel(config=config, chunks=ddp_chunks, optimizer=optimizer, scheduler=scheduler)

@@ -1,0 +1,31 @@
+"""Launch a worker script under torchrun from a test and return its JSON result."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+
+
+def torchrun(script: str, nproc: int, args, timeout: int = 600) -> dict:
+    """Run ``script`` on ``nproc`` gloo processes; the script writes JSON to ``--out``.
+
+    Raises AssertionError with the tail of the log if the launch fails.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "result.json")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               os.path.join(REPO, script), *args, "--out", out]
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONPATH=REPO)
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+        log = proc.stdout + proc.stderr
+        if proc.returncode != 0 or not os.path.exists(out):
+            raise AssertionError(f"{' '.join(cmd)} failed (exit {proc.returncode}):\n{log[-6000:]}")
+        with open(out) as f:
+            result = json.load(f)
+        result["log"] = log
+        return result
