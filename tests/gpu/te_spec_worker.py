@@ -1,0 +1,40 @@
+"""GPU check (one process): NCCL runtime without the CPU layer, and the TE layer spec
+computing the same logits as the ``cpu`` spec from the same distributed checkpoint."""
+
+import json
+import os
+import sys
+import tempfile
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+
+from psft_megatron import cpu_compat  # noqa: E402
+from psft_megatron.checkpointing import load_checkpoint, save_checkpoint  # noqa: E402
+from psft_megatron.model.builder import build_gpt_chunks  # noqa: E402
+from psft_megatron.runtime import ParallelConfig, initialize  # noqa: E402
+from tests.parallel.parity_worker import TINY_MODEL  # noqa: E402
+
+
+def main(out: str) -> None:
+    info = initialize(ParallelConfig())
+    result = {"backend": info.backend, "cpu_compat": cpu_compat.is_installed()}
+    config = TINY_MODEL.to_transformer_config(ParallelConfig())
+    (cpu_model,) = build_gpt_chunks(TINY_MODEL, config, "cpu")
+    tokens = torch.randint(0, TINY_MODEL.vocab_size, (2, 16), device="cuda")
+    positions = torch.arange(16, device="cuda").expand(2, 16)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_checkpoint(tmp, [cpu_model])
+        (te_model,) = build_gpt_chunks(TINY_MODEL, config, "te")
+        load_checkpoint(tmp, [te_model])
+    with torch.no_grad():
+        ref = cpu_model(tokens, positions, None).float()
+        got = te_model(tokens, positions, None).float()
+    result["max_abs_logit_diff"] = (ref - got).abs().max().item()
+    with open(out, "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[sys.argv.index("--out") + 1])

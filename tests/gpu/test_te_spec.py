@@ -1,0 +1,14 @@
+"""GPU: NCCL runtime without the CPU layer; TE spec == cpu spec on the same checkpoint."""
+
+import pytest
+
+from psft_megatron.optional import is_available
+from tests.parallel.launch import torchrun
+
+
+def test_te_spec_matches_cpu_spec_on_gpu():
+    if not is_available("transformer_engine"):
+        pytest.skip("transformer-engine not installed (pip install -e '.[te]')")
+    result = torchrun("tests/gpu/te_spec_worker.py", 1, [])
+    assert result["backend"] == "nccl" and result["cpu_compat"] is False
+    assert result["max_abs_logit_diff"] < 2e-3, result
