@@ -22,7 +22,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import torch
@@ -60,6 +60,25 @@ TINY_MODEL = ModelConfig(
     init_method_std=0.05,
 )
 
+# Llama-3.2-like: tied embeddings (the embedding-group grad all-reduce under PP), Llama-3
+# RoPE scaling, plain MHA width, no biases, no QK-norm.
+TINY_TIED = ModelConfig(
+    num_layers=4,
+    hidden_size=64,
+    num_attention_heads=4,
+    num_query_groups=2,
+    ffn_hidden_size=128,
+    vocab_size=250,
+    make_vocab_size_divisible_by=32,
+    max_position_embeddings=64,
+    rotary_base=500000.0,
+    rope_scaling={"rope_type": "llama3", "factor": 8.0},
+    tie_word_embeddings=True,
+    init_method_std=0.05,
+)
+
+MODELS = {"qwen_like": TINY_MODEL, "llama_tied": TINY_TIED}
+
 
 @dataclass
 class Layout:
@@ -70,7 +89,7 @@ class Layout:
     distopt: bool = False
     overlap_grad_reduce: bool = False
     plant: Optional[str] = None  # a deliberate bug; the comparison must then FAIL
-    extras: Dict[str, object] = field(default_factory=dict)
+    model: str = "qwen_like"  # key of MODELS
 
 
 def P(tp=1, pp=1, vpp=None, cp=1, sp=False) -> ParallelConfig:
@@ -87,6 +106,7 @@ SUITES = {
         Layout("cp2", P(cp=2)),
         Layout("dp2_distopt", P(), distopt=True),
         Layout("dp2_distopt_overlap", P(), distopt=True, overlap_grad_reduce=True),
+        Layout("pp2_tied_llama3rope", P(pp=2), model="llama_tied"),
         Layout("planted_tp2_sp_norm_unmarked", P(tp=2, sp=True), plant="sp_norm_unmarked"),
     ],
     # 4 processes
@@ -96,6 +116,7 @@ SUITES = {
         Layout("tp2_sp_pp2_vpp2", P(tp=2, pp=2, vpp=2, sp=True)),
         Layout("tp4_sp", P(tp=4, sp=True)),
         Layout("tp2_dp2_distopt", P(tp=2), distopt=True),
+        Layout("tp2_sp_pp2_tied_llama3rope", P(tp=2, pp=2, sp=True), model="llama_tied"),
     ],
 }
 
@@ -173,15 +194,15 @@ def forward_step(data_iterator, model):
 
 
 # ----------------------------------------------------------------------------- reference
-def reference_losses(weights: Dict[str, torch.Tensor], batches) -> List[float]:
+def reference_losses(model_cfg: ModelConfig, weights: Dict[str, torch.Tensor], batches) -> List[float]:
     """Single-process fp32 run in plain torch.
 
     Returns STEPS + 2 training losses (one per AdamW step) and, last, the eval loss on
     batch 0 after STEPS steps.
     """
     reinitialize_model_parallel(ParallelConfig(), SEED)
-    config = TINY_MODEL.to_transformer_config(ParallelConfig())
-    (model,) = build_gpt_chunks(TINY_MODEL, config, "cpu")
+    config = model_cfg.to_transformer_config(ParallelConfig())
+    (model,) = build_gpt_chunks(model_cfg, config, "cpu")
     model.load_state_dict(weights)
     decay = [p for n, p in model.named_parameters() if p.ndim > 1 and not n.endswith(".bias")]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and not n.endswith(".bias"))]
@@ -257,7 +278,7 @@ def build_layout(layout: Layout, weights_dir: str):
         adam_eps=1e-8, clip_grad=CLIP_GRAD,
     )
     return setup_model_and_optimizer(
-        TINY_MODEL, layout.parallel, opt_cfg, layer_spec="cpu",
+        MODELS[layout.model], layout.parallel, opt_cfg, layer_spec="cpu",
         use_distributed_optimizer=layout.distopt, overlap_grad_reduce=layout.overlap_grad_reduce,
         after_build=load_weights if weights_dir else None,
     )
@@ -309,28 +330,35 @@ def main() -> None:
     holder = [workdir]
     torch.distributed.broadcast_object_list(holder, src=0)
     workdir = holder[0]
-    weights_dir = os.path.join(workdir, "weights")
-
-    # Full weights: built once at TP1/PP1 (same seed on every rank), saved as a dist checkpoint.
-    reinitialize_model_parallel(ParallelConfig(), SEED)
-    (ref_model,) = build_gpt_chunks(TINY_MODEL, TINY_MODEL.to_transformer_config(ParallelConfig()), "cpu")
-    weights = {k: v.clone() for k, v in ref_model.state_dict().items() if not k.endswith("_extra_state")}
-    save_checkpoint(weights_dir, [ref_model])
     batches = make_global_batches(STEPS + 2)
-    reference = reference_losses(weights, batches)
-    want = reference[:STEPS] + reference[-1:]
+    prepared = {}
 
-    results = {"reference": reference, "world_size": torch.distributed.get_world_size(), "layouts": {}, "checkpoints": {}}
+    def prepare(model_name: str):
+        """Full weights of a model (built at TP1/PP1, same seed on every rank) saved as a
+        dist checkpoint, and its single-process reference losses."""
+        if model_name not in prepared:
+            model_cfg = MODELS[model_name]
+            weights_dir = os.path.join(workdir, "weights_" + model_name)
+            reinitialize_model_parallel(ParallelConfig(), SEED)
+            (ref_model,) = build_gpt_chunks(model_cfg, model_cfg.to_transformer_config(ParallelConfig()), "cpu")
+            weights = {k: v.clone() for k, v in ref_model.state_dict().items() if not k.endswith("_extra_state")}
+            save_checkpoint(weights_dir, [ref_model])
+            prepared[model_name] = (weights_dir, reference_losses(model_cfg, weights, batches))
+        return prepared[model_name]
+
+    results = {"world_size": torch.distributed.get_world_size(), "layouts": {}, "checkpoints": {}}
     only = set(args.only.split(",")) if args.only else None
     for layout in SUITES[args.suite]:
         if only and layout.name not in only:
             continue
         start = time.time()
         try:
+            weights_dir, reference = prepare(layout.model)
+            want = reference[:STEPS] + reference[-1:]
             tm = build_layout(layout, weights_dir)
             got = run_steps(tm, batches, range(STEPS))
             got.append(eval_loss(tm, batches[0]))
-            entry = {"losses": got, "max_abs_diff": compare(got, want)}
+            entry = {"losses": got, "reference": want, "max_abs_diff": compare(got, want)}
         except Exception as exc:  # reported per layout; the test names the failure
             import traceback
 
@@ -347,6 +375,7 @@ def main() -> None:
         entry = {}
         try:
             ckpt_dir = os.path.join(workdir, name)
+            weights_dir, reference = prepare(saver.model)
             tm = build_layout(saver, weights_dir)
             run_steps(tm, batches, range(STEPS))
             save_checkpoint(ckpt_dir, tm.chunks, tm.optimizer, common={"iteration": STEPS})
