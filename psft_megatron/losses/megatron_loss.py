@@ -1,0 +1,386 @@
+"""``PSFTLoss``: the SFT / PSFT / DFT / SFT-KL objectives as megatron-core loss functions.
+
+Contract (megatron-core 0.16, ``TransformerConfig.calculate_per_token_loss=True``): the loss
+function returned by :meth:`PSFTLoss.loss_func` maps the last pipeline stage's output (the
+vocab-parallel logits) to ``(loss_sum, normaliser, metrics)``:
+
+* ``loss_sum``: fp32 scalar, the SUM of the micro-batch's contributions. The schedule
+  backpropagates it as is (times the loss scale); nothing is divided here.
+* ``normaliser``: ``torch.int`` scalar. The schedule sums it over micro-batches,
+  ``finalize_model_grads`` all-reduces it over the DP x CP group and multiplies every gradient
+  by ``1 / total``. The optimised objective is therefore
+  ``sum(loss_sum over micro-batches and DP x CP ranks) / sum(normaliser ...)``.
+* ``metrics``: ``{name: fp32 tensor [sum, count]}`` (``[max, 1]`` for ``*_max``), summed over
+  micro-batches and ranks by :func:`reduce_loss_metrics`.
+
+With ``calculate_per_token_loss=False`` megatron would divide each micro-batch by its own
+normaliser and by the number of micro-batches: not the global mean; do not use it.
+The math of every aggregation mode is in ``docs/logprobs.md``, section "Aggregation".
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple, Union
+
+import torch
+import torch.distributed as dist
+
+from psft_megatron.losses.config import LossConfig
+from psft_megatron.losses.objectives import (
+    dft_objective,
+    importance_ratio,
+    kl_term,
+    psft_objective,
+    sft_objective,
+)
+from psft_megatron.ops import vocab_parallel_kl, vocab_parallel_logprobs
+
+__all__ = ["PSFTLoss", "reduce_loss_metrics", "aggregate_loss"]
+
+LossOutput = Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]
+
+
+def _resolve_cp_group(cp_group):
+    """``(group, rank, world)``; ``cp_group=None`` -> megatron's CP group if initialised."""
+    if cp_group is None:
+        # megatron's parallel state can only be initialised if its module was imported: looking
+        # it up in sys.modules avoids importing megatron (seconds) just to learn "no TP/CP"
+        parallel_state = sys.modules.get("megatron.core.parallel_state")
+        if parallel_state is None:
+            return None, 0, 1
+        if not parallel_state.model_parallel_is_initialized():
+            return None, 0, 1
+        if parallel_state.get_context_parallel_world_size() <= 1:
+            return None, 0, 1
+        cp_group = parallel_state.get_context_parallel_group()
+    world = dist.get_world_size(group=cp_group)
+    if world <= 1:
+        return None, 0, 1
+    return cp_group, dist.get_rank(group=cp_group), world
+
+
+def _pair(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    return torch.stack([total.detach().float().reshape(()), count.detach().float().reshape(())])
+
+
+def aggregate_loss(
+    per_token: torch.Tensor,
+    mask: torch.Tensor,
+    agg_mode: str,
+    *,
+    seq_ids: Optional[torch.Tensor] = None,
+    cp_group=None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Reduce a per-token loss ``[b, s]`` to megatron's ``(loss_sum, normaliser)``.
+
+    Args:
+        per_token: fp32 ``[b, s]`` per-token loss (masked positions may hold anything finite
+            or not: they are selected away with ``where``, never multiplied by 0).
+        mask: bool ``[b, s]``, True on the tokens that count.
+        agg_mode: ``'token-mean'``, ``'seq-mean-token-mean'`` or ``'seq-mean-token-sum'``.
+        seq_ids: optional int ``[b, s]``: index of the packed sequence each token belongs to
+            WITHIN its row, in ``[0, s * cp_world)``, ``-1`` for padding (excluded). ``None``:
+            each row is one sequence.
+        cp_group: context-parallel group (``None``: megatron's if initialised); rows are
+            sharded along ``s`` over it and per-sequence token counts are summed over it.
+
+    Returns:
+        ``loss_sum`` fp32 scalar (differentiable) and ``normaliser`` ``torch.int`` scalar:
+        token-mean -> (sum of losses, number of tokens); seq-mean-* -> (sum over sequences of
+        the sequence's [mean | sum] of this rank's share, number of non-empty sequences on CP
+        rank 0 and 0 on other CP ranks).
+    """
+    if agg_mode == "token-mean":
+        if seq_ids is not None:
+            mask = mask & (seq_ids >= 0)
+        loss_sum = torch.where(mask, per_token, torch.zeros_like(per_token)).sum()
+        return loss_sum, mask.sum().to(torch.int)
+    if agg_mode not in ("seq-mean-token-mean", "seq-mean-token-sum"):
+        raise ValueError(f"agg_mode={agg_mode!r} is not one of token-mean, seq-mean-token-mean, seq-mean-token-sum")
+    group, cp_rank, cp_world = _resolve_cp_group(cp_group)
+    if per_token.dim() != 2:
+        raise ValueError(f"sequence aggregation needs [b, s] tensors, got {tuple(per_token.shape)}")
+    b, s = per_token.shape
+    if seq_ids is None:
+        k = 1
+        index = torch.zeros((b, s), dtype=torch.long, device=per_token.device)
+    else:
+        if tuple(seq_ids.shape) != (b, s):
+            raise ValueError(f"seq_ids shape {tuple(seq_ids.shape)} must equal {(b, s)}")
+        k = s * cp_world  # a row of global length s*cp holds at most that many sequences
+        mask = mask & (seq_ids >= 0)
+        index = seq_ids.long().clamp_min(0)  # out-of-range ids (>= k) raise in scatter_add
+    maskf = mask.to(torch.float32)
+    counts = torch.zeros((b, k), dtype=torch.float32, device=per_token.device)
+    counts.scatter_add_(1, index, maskf)
+    if group is not None:
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=group)  # no autograd: constants
+    vals = torch.where(mask, per_token, torch.zeros_like(per_token))
+    seq_loss = torch.zeros((b, k), dtype=vals.dtype, device=vals.device).scatter_add(1, index, vals)
+    if agg_mode == "seq-mean-token-mean":
+        seq_loss = seq_loss / counts.clamp_min(1.0)  # 0/0 -> 0: empty sequences add nothing
+    loss_sum = seq_loss.sum()
+    n_seq = (counts > 0).sum()
+    if cp_rank != 0:
+        n_seq = torch.zeros_like(n_seq)  # each sequence counted once over the CP group
+    return loss_sum, n_seq.to(torch.int)
+
+
+class PSFTLoss:
+    """Loss-function factory for megatron-core's ``forward_backward_func``.
+
+    Usage in a forward step (``calculate_per_token_loss=True``)::
+
+        loss = PSFTLoss(LossConfig(kind="psft"))
+        output = model(tokens, position_ids, attention_mask)        # logits [b, s, V/tp]
+        return output, loss.loss_func(labels, loss_mask, old_logprobs=old_lp)
+
+    and after the step ``reduce_loss_metrics(losses_reduced, group=dp_cp_group)``.
+    """
+
+    def __init__(self, config: Union[LossConfig, Mapping[str, Any], None] = None):
+        if config is None:
+            config = LossConfig()
+        elif not isinstance(config, LossConfig):
+            config = LossConfig.from_dict(config)
+        self.config = config
+
+    # ----------------------------------------------------------------------------------------
+    def loss_func(
+        self,
+        labels: torch.Tensor,
+        loss_mask: torch.Tensor,
+        old_logprobs: Optional[torch.Tensor] = None,
+        ref: Optional[torch.Tensor] = None,
+        *,
+        seq_ids: Optional[torch.Tensor] = None,
+        cp_group=None,
+        tp_group=None,
+    ) -> Callable[[torch.Tensor], LossOutput]:
+        """Bind a micro-batch's targets; returns ``f(output_tensor) -> (loss_sum, normaliser, metrics)``.
+
+        Args:
+            labels: int64 ``[b, s]`` global vocabulary ids (this CP rank's shard).
+            loss_mask: ``[b, s]`` 0/1 (any dtype; nonzero = trained token).
+            old_logprobs: fp32 ``[b, s]`` log-probs of the labels under the old policy (psft).
+                ``None``: old = current (ratio 1, SFT gradient).
+            ref: for ``kind='sft_kl'``: fp32 ``[b, s]`` reference log-probs (k1, k3) or the
+                reference model's vocab-parallel logits ``[b, s, V/tp]`` ('full').
+            seq_ids: optional int ``[b, s]`` packed-sequence index within each row (-1 = pad),
+                see :func:`aggregate_loss`.
+            cp_group, tp_group: process groups; ``None`` = megatron's (if initialised).
+        """
+        cfg = self.config
+        if tuple(loss_mask.shape) != tuple(labels.shape):
+            raise ValueError(
+                f"loss_mask shape {tuple(loss_mask.shape)} must equal labels shape {tuple(labels.shape)}"
+            )
+        ref_lp = ref if cfg.kind == "sft_kl" and cfg.kl_estimator != "full" else None
+        for name, t in (("old_logprobs", old_logprobs), ("ref", ref_lp)):
+            if t is not None and tuple(t.shape) != tuple(labels.shape):
+                raise ValueError(f"{name} shape {tuple(t.shape)} must equal labels shape {tuple(labels.shape)}")
+        if cfg.kind == "sft_kl" and ref is None:
+            raise ValueError(
+                "loss.kind='sft_kl' needs ref: reference log-probs [b, s] (k1/k3) or reference "
+                "logits [b, s, V/tp] (kl_estimator='full')"
+            )
+
+        def _loss(output_tensor: torch.Tensor) -> LossOutput:
+            return self.compute(
+                output_tensor,
+                labels,
+                loss_mask,
+                old_logprobs=old_logprobs,
+                ref=ref,
+                seq_ids=seq_ids,
+                cp_group=cp_group,
+                tp_group=tp_group,
+            )
+
+        return _loss
+
+    # ----------------------------------------------------------------------------------------
+    def compute(
+        self,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        loss_mask: torch.Tensor,
+        *,
+        old_logprobs: Optional[torch.Tensor] = None,
+        ref: Optional[torch.Tensor] = None,
+        seq_ids: Optional[torch.Tensor] = None,
+        cp_group=None,
+        tp_group=None,
+    ) -> LossOutput:
+        """The body of :meth:`loss_func` (callable directly, e.g. in tests)."""
+        cfg = self.config
+        if tuple(logits.shape[:-1]) != tuple(labels.shape):
+            raise ValueError(
+                f"logits shape {tuple(logits.shape)} does not match labels shape {tuple(labels.shape)}; "
+                "expected logits [b, s, V/tp] (GPTModel output without labels)"
+            )
+        out = vocab_parallel_logprobs(
+            logits,
+            labels,
+            tp_group=tp_group,
+            return_entropy=cfg.compute_entropy,
+            chunk_size=cfg.chunk_size,
+        )
+        logp, entropy = out if cfg.compute_entropy else (out, None)
+
+        mask = loss_mask != 0
+        if seq_ids is not None:
+            mask = mask & (seq_ids >= 0)
+        maskf = mask.to(torch.float32)
+        n_tok = maskf.sum()
+
+        def msum(x: torch.Tensor) -> torch.Tensor:
+            return torch.where(mask, x.detach().float(), torch.zeros((), device=x.device)).sum()
+
+        metrics: Dict[str, torch.Tensor] = {}
+        ratio = None
+        kl = None
+        if cfg.kind == "sft":
+            per_token = sft_objective(logp)
+        elif cfg.kind == "dft":
+            per_token = dft_objective(logp)
+        elif cfg.kind == "psft":
+            old = None if old_logprobs is None else old_logprobs.to(torch.float32)
+            per_token = psft_objective(
+                logp,
+                old,
+                clip_eps_low=cfg.clip_eps_low,
+                clip_eps_high=cfg.clip_eps_high,
+                log_ratio_clamp=cfg.log_ratio_clamp,
+            )
+            with torch.no_grad():
+                ratio = importance_ratio(logp, old, cfg.log_ratio_clamp)
+        elif cfg.kind == "sft_kl":
+            if ref is None:
+                raise ValueError("loss.kind='sft_kl' needs ref")
+            if cfg.kl_estimator == "full":
+                if tuple(ref.shape) != tuple(logits.shape):
+                    raise ValueError(
+                        f"kl_estimator='full' needs reference logits of shape {tuple(logits.shape)}, "
+                        f"got {tuple(ref.shape)}"
+                    )
+                kl = vocab_parallel_kl(logits, ref, tp_group=tp_group, chunk_size=cfg.chunk_size)
+            else:
+                kl = kl_term(logp, ref.to(torch.float32), kl_estimator=cfg.kl_estimator)
+            per_token = sft_objective(logp) + cfg.kl_coef * kl
+        else:  # pragma: no cover - LossConfig validates
+            raise ValueError(f"unknown loss kind {cfg.kind!r}")
+
+        loss_sum, normaliser = aggregate_loss(
+            per_token, mask, cfg.agg_mode, seq_ids=seq_ids, cp_group=cp_group
+        )
+
+        if cfg.agg_mode == "token-mean":
+            metrics["loss"] = _pair(loss_sum, n_tok)
+        else:
+            # same normalisation as what is optimised: sum over ranks / number of sequences
+            metrics["loss"] = _pair(loss_sum, normaliser)
+        metrics["nll"] = _pair(msum(-logp), n_tok)
+        if entropy is not None:
+            metrics["entropy"] = _pair(msum(entropy), n_tok)
+        if ratio is not None:
+            hi = 1.0 + cfg.clip_eps_high
+            metrics["clip_frac"] = _pair(msum((ratio > hi).float()), n_tok)
+            metrics["ratio_mean"] = _pair(msum(ratio), n_tok)
+            rmax = torch.where(mask, ratio, torch.zeros_like(ratio)).amax() if ratio.numel() else ratio.new_zeros(())
+            metrics["ratio_max"] = _pair(rmax, torch.ones((), device=ratio.device))
+            if old_logprobs is None:
+                metrics["approx_kl"] = _pair(torch.zeros((), device=logp.device), n_tok)
+            else:
+                metrics["approx_kl"] = _pair(msum(old_logprobs.float() - logp), n_tok)
+        else:
+            metrics["clip_frac"] = _pair(torch.zeros((), device=logp.device), n_tok)
+        if kl is not None:
+            metrics["kl"] = _pair(msum(kl), n_tok)
+        metrics["num_tokens"] = _pair(n_tok, torch.ones((), device=logp.device))
+        return loss_sum, normaliser, metrics
+
+    # ----------------------------------------------------------------------------------------
+    def logprob_func(
+        self, labels: torch.Tensor, *, tp_group=None, return_entropy: Optional[bool] = None
+    ) -> Callable[[torch.Tensor], LossOutput]:
+        """A forward-only "loss" function collecting log-probs (old-policy / reference pass).
+
+        Returns ``f(output_tensor) -> (zero, int 0, {'logprobs': [b, s] fp32,
+        'entropy': [b, s] fp32 (if requested)})``, all detached; use it with
+        ``forward_backward_func(..., forward_only=True)`` and read the dicts it returns.
+        """
+        want_h = self.config.compute_entropy if return_entropy is None else bool(return_entropy)
+        chunk = self.config.chunk_size
+
+        def _collect(output_tensor: torch.Tensor) -> LossOutput:
+            with torch.no_grad():
+                out = vocab_parallel_logprobs(
+                    output_tensor, labels, tp_group=tp_group, return_entropy=want_h, chunk_size=chunk
+                )
+            logp, ent = out if want_h else (out, None)
+            res = {"logprobs": logp.detach()}
+            if ent is not None:
+                res["entropy"] = ent.detach()
+            zero = torch.zeros((), dtype=torch.float32, device=output_tensor.device)
+            return zero, torch.zeros((), dtype=torch.int, device=output_tensor.device), res
+
+        return _collect
+
+
+# --------------------------------------------------------------------------------------------
+def reduce_loss_metrics(
+    metrics_list: Iterable[Mapping[str, torch.Tensor]], group=None
+) -> Dict[str, float]:
+    """Exact means of the metrics of one optimizer step.
+
+    Args:
+        metrics_list: one metrics dict per micro-batch (the third output of the loss function;
+            megatron's ``forward_backward_func`` returns them as a list on the last stage).
+        group: the process group to reduce over: the DP x CP group
+            (``parallel_state.get_data_parallel_group(with_context_parallel=True)``), called on
+            every rank of it (last pipeline stage). ``None``: no communication.
+
+    Returns:
+        ``{name: sum / count}`` with the ``[sum, count]`` pairs summed over micro-batches and
+        ranks (0.0 when count is 0); keys ending in ``_max`` are reduced with MAX and return the
+        max; keys starting with ``num_`` return the total (the summed first element), e.g.
+        ``num_tokens`` is the number of loss tokens in the step.
+    """
+    metrics_list = list(metrics_list)
+    keys = sorted({k for m in metrics_list for k in m})
+    if not keys:
+        return {}
+    device = next(iter(metrics_list[0].values())).device
+    sum_keys = [k for k in keys if not k.endswith("_max")]
+    max_keys = [k for k in keys if k.endswith("_max")]
+
+    def collect(key: str, reducer) -> torch.Tensor:
+        vals = [m[key].detach().float().reshape(2).to(device) for m in metrics_list if key in m]
+        return reducer(torch.stack(vals), dim=0)
+
+    sums = (
+        torch.stack([collect(k, torch.sum) for k in sum_keys])
+        if sum_keys
+        else torch.zeros((0, 2), device=device)
+    )
+    maxs = (
+        torch.stack([collect(k, lambda x, dim: torch.amax(x, dim=dim)) for k in max_keys])
+        if max_keys
+        else torch.zeros((0, 2), device=device)
+    )
+    if group is not None and dist.is_available() and dist.is_initialized():
+        if sum_keys:
+            dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+        if max_keys:
+            dist.all_reduce(maxs, op=dist.ReduceOp.MAX, group=group)
+    out: Dict[str, float] = {}
+    for k, (total, count) in zip(sum_keys, sums.tolist()):
+        if k.startswith("num_"):
+            out[k] = total
+        else:
+            out[k] = total / count if count > 0 else 0.0
+    for k, (mx, count) in zip(max_keys, maxs.tolist()):
+        out[k] = mx / count if count > 0 else 0.0
+    return out
