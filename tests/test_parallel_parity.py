@@ -1,5 +1,8 @@
 """Parallel parity: every megatron layout equals the single-process fp32 run within 1e-5.
 
+Compared per optimizer step: the loss (megatron's CE, or our PSFT objective with token-mean
+or seq-mean-token-mean aggregation) and, for PSFT, the entropy and the clip fraction.
+
 One torchrun launch per world size runs all its layouts (tests/parallel/parity_worker.py);
 each layout is reported as its own test. A planted bug (SP norm params left unmarked) must
 make the comparison fail - proof that the harness can fail.
@@ -28,7 +31,11 @@ def test_layout_matches_single_process(suite, name, plant):
     assert "error" not in entry, f"{name}: {entry.get('error')}\n{entry.get('traceback')}"
     diff = entry["max_abs_diff"]
     if plant is None:
-        assert diff <= TOLERANCE, f"{name} ({entry['layout']}): losses {entry['losses']} differ by {diff:.3g}"
+        assert diff <= TOLERANCE, (
+            f"{name} ({entry['layout']}): metrics {entry['metrics']} differ from {entry['reference']} by {diff:.3g}"
+        )
+        if "clip_frac" in entry["metrics"]:  # the PSFT clip must bind, or its branch is untested
+            assert max(entry["metrics"]["clip_frac"]) > 0.1, entry["metrics"]
     else:
         assert diff > 10 * TOLERANCE, f"planted bug {plant!r} went unnoticed: diff {diff:.3g}"
 

@@ -90,6 +90,13 @@ class Layout:
     overlap_grad_reduce: bool = False
     plant: Optional[str] = None  # a deliberate bug; the comparison must then FAIL
     model: str = "qwen_like"  # key of MODELS
+    loss: Optional[dict] = None  # LossConfig values for PSFTLoss; None = megatron's CE
+
+
+# PSFT with a small clip so that the one-sided clip binds within 3 steps (pi_old = initial
+# weights for the whole run): the zero-gradient branch is exercised, clip_frac > 0.
+PSFT = dict(kind="psft", clip_eps_high=0.02)
+PSFT_SEQ = dict(PSFT, agg_mode="seq-mean-token-mean")
 
 
 def P(tp=1, pp=1, vpp=None, cp=1, sp=False) -> ParallelConfig:
@@ -107,6 +114,10 @@ SUITES = {
         Layout("dp2_distopt", P(), distopt=True),
         Layout("dp2_distopt_overlap", P(), distopt=True, overlap_grad_reduce=True),
         Layout("pp2_tied_llama3rope", P(pp=2), model="llama_tied"),
+        Layout("psft_tp2_sp", P(tp=2, sp=True), loss=PSFT),
+        Layout("psft_seqmean_cp2", P(cp=2), loss=PSFT_SEQ),
+        Layout("psft_seqmean_dp2_distopt", P(), distopt=True, loss=PSFT_SEQ),
+        Layout("psft_pp2_vpp2", P(pp=2, vpp=2), loss=PSFT),
         Layout("planted_tp2_sp_norm_unmarked", P(tp=2, sp=True), plant="sp_norm_unmarked"),
     ],
     # 4 processes
@@ -117,6 +128,9 @@ SUITES = {
         Layout("tp4_sp", P(tp=4, sp=True)),
         Layout("tp2_dp2_distopt", P(tp=2), distopt=True),
         Layout("tp2_sp_pp2_tied_llama3rope", P(tp=2, pp=2, sp=True), model="llama_tied"),
+        Layout("psft_cp2_tp2_sp", P(tp=2, cp=2, sp=True), loss=PSFT),
+        Layout("psft_seqmean_cp2_tp2_sp", P(tp=2, cp=2, sp=True), loss=PSFT_SEQ),
+        Layout("psft_tp4_sp", P(tp=4, sp=True), loss=PSFT),
     ],
 }
 
@@ -185,20 +199,32 @@ def ce_loss_func(labels, loss_mask, output_tensor):
     return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), loss_mask.sum()])}
 
 
-def forward_step(data_iterator, model):
+def make_forward_step(loss: Optional[dict]):
+    """megatron forward_step: megatron's CE (loss None) or our PSFTLoss plug-in."""
     from functools import partial
 
-    batch = next(data_iterator)
-    output = model(batch["tokens"], batch["position_ids"], None)
-    return output, partial(ce_loss_func, batch["labels"], batch["loss_mask"])
+    from psft_megatron.losses import PSFTLoss
+
+    plugin = PSFTLoss(loss) if loss is not None else None
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        output = model(batch["tokens"], batch["position_ids"], None)
+        if plugin is None:
+            return output, partial(ce_loss_func, batch["labels"], batch["loss_mask"])
+        return output, plugin.loss_func(batch["labels"], batch["loss_mask"], old_logprobs=batch["old_logprobs"])
+
+    return forward_step
 
 
 # ----------------------------------------------------------------------------- reference
-def reference_losses(model_cfg: ModelConfig, weights: Dict[str, torch.Tensor], batches) -> List[float]:
+def reference_metrics(model_cfg: ModelConfig, weights: Dict[str, torch.Tensor], batches, loss: Optional[dict]) -> Dict[str, List[float]]:
     """Single-process fp32 run in plain torch.
 
-    Returns STEPS + 2 training losses (one per AdamW step) and, last, the eval loss on
-    batch 0 after STEPS steps.
+    Returns ``{metric: values}``: STEPS + 2 training values (one per AdamW step) and, last,
+    the eval value on batch 0 after STEPS steps. Metrics: "loss" (CE, or the PSFT objective
+    with its aggregation), and for PSFT "entropy" and "clip_frac" (token means).
+    The PSFT formula is written out here in plain torch, independently of psft_megatron.losses.
     """
     reinitialize_model_parallel(ParallelConfig(), SEED)
     config = model_cfg.to_transformer_config(ParallelConfig())
@@ -211,26 +237,53 @@ def reference_losses(model_cfg: ModelConfig, weights: Dict[str, torch.Tensor], b
         lr=LR, betas=(0.9, 0.999), eps=1e-8,
     )
 
-    def loss_of(batch):
-        logits = model(batch["tokens"], batch["position_ids"], None)
-        ce = torch.nn.functional.cross_entropy(
-            logits.float().reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1), reduction="none"
-        )
-        mask = batch["loss_mask"].reshape(-1)
-        return (ce * mask).sum() / mask.sum()
+    def metrics_of(batch):
+        logits = model(batch["tokens"], batch["position_ids"], None).float()
+        logp_all = torch.log_softmax(logits, dim=-1)
+        logp = logp_all.gather(-1, batch["labels"].unsqueeze(-1)).squeeze(-1)  # [G, S]
+        mask = batch["loss_mask"]
+        token_mean = lambda x: (x * mask).sum() / mask.sum()  # noqa: E731
+        if loss is None:
+            return {"loss": token_mean(-logp)}
+        eps_high, eps_low = loss.get("clip_eps_high", 0.28), loss.get("clip_eps_low", 0.2)
+        ratio = torch.exp(torch.clamp(logp - batch["old_logprobs"], -20.0, 20.0))
+        per_token = -torch.minimum(ratio, torch.clamp(ratio, 1 - eps_low, 1 + eps_high))
+        if loss.get("agg_mode", "token-mean") == "token-mean":
+            objective = token_mean(per_token)
+        else:  # seq-mean-token-mean: every row is one sequence with >= 1 loss token
+            objective = ((per_token * mask).sum(1) / mask.sum(1)).mean()
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+        return {"loss": objective, "entropy": token_mean(entropy).detach(),
+                "clip_frac": token_mean((ratio > 1 + eps_high).float()).detach()}
 
-    losses = []
+    history: Dict[str, List[float]] = {}
     for step in range(STEPS + 2):
         if step == STEPS:
             with torch.no_grad():
-                eval_after_steps = loss_of(batches[0]).item()
+                eval_after_steps = {k: v.item() for k, v in metrics_of(batches[0]).items()}
         opt.zero_grad()
-        loss = loss_of(batches[step])
-        loss.backward()
+        metrics = metrics_of(batches[step])
+        metrics["loss"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP_GRAD)
         opt.step()
-        losses.append(loss.item())
-    return losses + [eval_after_steps]
+        for key, value in metrics.items():
+            history.setdefault(key, []).append(value.item())
+    for key, value in eval_after_steps.items():
+        history[key].append(value)
+    return history
+
+
+def old_logprobs_of(model_cfg: ModelConfig, weights: Dict[str, torch.Tensor], batches) -> List[torch.Tensor]:
+    """pi_old for the PSFT layouts: log-probs of the labels under the initial weights, [G, S]."""
+    reinitialize_model_parallel(ParallelConfig(), SEED)
+    (model,) = build_gpt_chunks(model_cfg, model_cfg.to_transformer_config(ParallelConfig()), "cpu")
+    model.load_state_dict(weights)
+    with torch.no_grad():
+        return [
+            torch.log_softmax(model(b["tokens"], b["position_ids"], None).float(), -1)
+            .gather(-1, b["labels"].unsqueeze(-1)).squeeze(-1)
+            for b in batches
+        ]
 
 
 # ----------------------------------------------------------------------------- layouts
@@ -246,20 +299,25 @@ def plant_bug(chunks, plant: Optional[str]) -> None:
     raise ValueError(f"unknown planted bug {plant!r}")
 
 
-def global_loss(metrics: List[dict]) -> float:
-    """Token-mean loss of one step, known on every rank (sum over micro-batches, DP x CP)."""
+def step_metrics(metrics: List[dict], keys: List[str]) -> Dict[str, float]:
+    """One step's metrics (means over micro-batches, DP and CP), known on every rank.
+
+    The last pipeline stage reduces them with psft_megatron.losses.reduce_loss_metrics over
+    its DP x CP group; one of its ranks then shares them with the whole world.
+    """
     from megatron.core import parallel_state
 
-    owner = (
-        parallel_state.is_pipeline_last_stage(ignore_virtual=True)
-        and parallel_state.get_tensor_model_parallel_rank() == 0
-    )
-    total = torch.zeros(2, dtype=torch.float64)
-    if owner:
-        for item in metrics:
-            total += item["lm loss"].double()
-    torch.distributed.all_reduce(total)  # all TP-rank-0 last-stage ranks = all DP x CP shards
-    return (total[0] / total[1]).item()
+    from psft_megatron.losses import reduce_loss_metrics
+
+    values = torch.zeros(len(keys), dtype=torch.float64)
+    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        renamed = [{("loss" if k == "lm loss" else k): v for k, v in m.items()} for m in metrics]
+        group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+        reduced = reduce_loss_metrics(renamed, group=group)
+        if parallel_state.get_tensor_model_parallel_rank() == 0 and torch.distributed.get_rank(group) == 0:
+            values = torch.tensor([reduced[k] for k in keys], dtype=torch.float64)
+    torch.distributed.all_reduce(values)
+    return dict(zip(keys, values.tolist()))
 
 
 def build_layout(layout: Layout, weights_dir: str):
@@ -284,36 +342,43 @@ def build_layout(layout: Layout, weights_dir: str):
     )
 
 
-def run_steps(tm, batches, steps) -> List[float]:
+def metric_keys(loss: Optional[dict]) -> List[str]:
+    return ["loss"] if loss is None else ["loss", "entropy", "clip_frac"]
+
+
+def run_steps(tm, batches, steps, loss: Optional[dict] = None) -> Dict[str, List[float]]:
     from psft_megatron.training.step import train_step
 
-    losses = []
+    history: Dict[str, List[float]] = {}
     for step in steps:
         micro = microbatches_for_this_rank(batches[step])
         iters = [iter(list(micro)) for _ in tm.chunks]
         result = train_step(
-            forward_step, iters, tm.chunks, tm.optimizer, tm.scheduler,
+            make_forward_step(loss), iters, tm.chunks, tm.optimizer, tm.scheduler,
             num_microbatches=MICRO_BATCHES, seq_length=SEQ_LEN, micro_batch_size=len(micro[0]["tokens"]),
         )
-        losses.append(global_loss(result.metrics))
-    return losses
+        for key, value in step_metrics(result.metrics, metric_keys(loss)).items():
+            history.setdefault(key, []).append(value)
+    return history
 
 
-def eval_loss(tm, batch) -> float:
+def eval_metrics(tm, batch, loss: Optional[dict] = None) -> Dict[str, float]:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     micro = microbatches_for_this_rank(batch)
     iters = [iter(list(micro)) for _ in tm.chunks]
     metrics = get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iters if len(iters) > 1 else iters[0],
+        forward_step_func=make_forward_step(loss), data_iterator=iters if len(iters) > 1 else iters[0],
         model=tm.chunks if len(tm.chunks) > 1 else tm.chunks[0], num_microbatches=MICRO_BATCHES,
         seq_length=SEQ_LEN, micro_batch_size=len(micro[0]["tokens"]), forward_only=True,
     )
-    return global_loss(list(metrics or []))
+    return step_metrics(list(metrics or []), metric_keys(loss))
 
 
-def compare(got: List[float], want: List[float]) -> float:
-    return max(abs(a - b) for a, b in zip(got, want)) if all(map(math.isfinite, got)) else float("inf")
+def compare(got: Dict[str, List[float]], want: Dict[str, List[float]]) -> float:
+    """Largest absolute difference over every metric and step (inf if anything is not finite)."""
+    diffs = [abs(a - b) for key in got for a, b in zip(got[key], want[key])]
+    return max(diffs) if all(map(math.isfinite, diffs)) else float("inf")
 
 
 def main() -> None:
@@ -333,9 +398,10 @@ def main() -> None:
     batches = make_global_batches(STEPS + 2)
     prepared = {}
 
-    def prepare(model_name: str):
+    def prepare(model_name: str, loss: Optional[dict] = None):
         """Full weights of a model (built at TP1/PP1, same seed on every rank) saved as a
-        dist checkpoint, and its single-process reference losses."""
+        dist checkpoint, the batches with pi_old log-probs, and the single-process reference
+        metrics for ``loss``."""
         if model_name not in prepared:
             model_cfg = MODELS[model_name]
             weights_dir = os.path.join(workdir, "weights_" + model_name)
@@ -343,8 +409,14 @@ def main() -> None:
             (ref_model,) = build_gpt_chunks(model_cfg, model_cfg.to_transformer_config(ParallelConfig()), "cpu")
             weights = {k: v.clone() for k, v in ref_model.state_dict().items() if not k.endswith("_extra_state")}
             save_checkpoint(weights_dir, [ref_model])
-            prepared[model_name] = (weights_dir, reference_losses(model_cfg, weights, batches))
-        return prepared[model_name]
+            old = old_logprobs_of(model_cfg, weights, batches)
+            model_batches = [dict(b, old_logprobs=lp) for b, lp in zip(batches, old)]
+            prepared[model_name] = (weights_dir, weights, model_batches, {})
+        weights_dir, weights, model_batches, references = prepared[model_name]
+        key = json.dumps(loss, sort_keys=True)
+        if key not in references:
+            references[key] = reference_metrics(MODELS[model_name], weights, model_batches, loss)
+        return weights_dir, model_batches, references[key]
 
     results = {"world_size": torch.distributed.get_world_size(), "layouts": {}, "checkpoints": {}}
     only = set(args.only.split(",")) if args.only else None
@@ -353,12 +425,13 @@ def main() -> None:
             continue
         start = time.time()
         try:
-            weights_dir, reference = prepare(layout.model)
-            want = reference[:STEPS] + reference[-1:]
+            weights_dir, model_batches, reference = prepare(layout.model, layout.loss)
+            want = {k: v[:STEPS] + v[-1:] for k, v in reference.items()}
             tm = build_layout(layout, weights_dir)
-            got = run_steps(tm, batches, range(STEPS))
-            got.append(eval_loss(tm, batches[0]))
-            entry = {"losses": got, "reference": want, "max_abs_diff": compare(got, want)}
+            got = run_steps(tm, model_batches, range(STEPS), layout.loss)
+            for key, value in eval_metrics(tm, model_batches[0], layout.loss).items():
+                got[key].append(value)
+            entry = {"metrics": got, "reference": want, "max_abs_diff": compare(got, want)}
         except Exception as exc:  # reported per layout; the test names the failure
             import traceback
 
@@ -375,20 +448,20 @@ def main() -> None:
         entry = {}
         try:
             ckpt_dir = os.path.join(workdir, name)
-            weights_dir, reference = prepare(saver.model)
+            weights_dir, ckpt_batches, reference = prepare(saver.model)
             tm = build_layout(saver, weights_dir)
-            run_steps(tm, batches, range(STEPS))
+            run_steps(tm, ckpt_batches, range(STEPS))
             save_checkpoint(ckpt_dir, tm.chunks, tm.optimizer, common={"iteration": STEPS})
-            continued = run_steps(tm, batches, range(STEPS, STEPS + 2))
+            continued = run_steps(tm, ckpt_batches, range(STEPS, STEPS + 2))
             entry["continued"] = continued
-            entry["reference_continued"] = reference[STEPS : STEPS + 2]
+            entry["reference_continued"] = reference["loss"][STEPS : STEPS + 2]
             for loader in loaders:
                 for with_optimizer in (True, False):
                     tm = build_layout(loader, None)
                     common = load_checkpoint(ckpt_dir, tm.chunks, tm.optimizer if with_optimizer else None)
-                    got = run_steps(tm, batches, range(STEPS, STEPS + 2))
+                    got = run_steps(tm, ckpt_batches, range(STEPS, STEPS + 2))
                     key = loader.name + ("" if with_optimizer else "_weights_only")
-                    entry[key] = {"losses": got, "max_abs_diff": compare(got, continued),
+                    entry[key] = {"metrics": got, "max_abs_diff": compare(got, continued),
                                   "iteration": common.get("iteration"), "layout": loader.parallel.describe()}
         except Exception as exc:
             import traceback
@@ -397,7 +470,8 @@ def main() -> None:
             entry["traceback"] = traceback.format_exc()
         results["checkpoints"][name] = entry
         if rank == 0:
-            print(f"[ckpt] {name}: {json.dumps({k: (v['max_abs_diff'] if isinstance(v, dict) else v) for k, v in entry.items() if k != 'traceback'})}", flush=True)
+            summary = {k: v["max_abs_diff"] for k, v in entry.items() if isinstance(v, dict) and "max_abs_diff" in v}
+            print(f"[ckpt] {name}: {json.dumps(dict(summary, error=entry.get('error')))}", flush=True)
 
     if rank == 0:
         with open(args.out, "w") as f:
