@@ -1,7 +1,7 @@
 # psft-megatron: `make test` and `make demo` set everything up in .venv and run.
 #
 #   make test        install (CPU path: torch==2.13.0 if torch is missing) and run the test suite
-#   make demo        install and run the demo job (2 processes, gloo)
+#   make demo        install and run the demo job (PSFT, 2 gloo processes, TP=2 + SP)
 #   make install     only the set-up
 #
 # On a GPU node with torch already installed (e.g. an NGC PyTorch container), reuse the
@@ -28,7 +28,8 @@ test: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -ra $(PYTEST_ARGS) tests
 
 demo: install
-	OMP_NUM_THREADS=1 $(PY) examples/demo.py
+	OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore $(PY) -m torch.distributed.run --standalone --nproc_per_node 2 \
+		examples/psft_plugin_demo.py --tp 2 --steps 40
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
