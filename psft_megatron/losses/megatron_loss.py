@@ -20,7 +20,6 @@ The math of every aggregation mode is in ``docs/logprobs.md``, section "Aggregat
 
 from __future__ import annotations
 
-import sys
 from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple, Union
 
 import torch
@@ -35,6 +34,7 @@ from psft_megatron.losses.objectives import (
     sft_objective,
 )
 from psft_megatron.ops import vocab_parallel_kl, vocab_parallel_logprobs
+from psft_megatron.process_groups import resolve_group
 
 __all__ = ["PSFTLoss", "reduce_loss_metrics", "aggregate_loss"]
 
@@ -43,21 +43,7 @@ LossOutput = Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]
 
 def _resolve_cp_group(cp_group):
     """``(group, rank, world)``; ``cp_group=None`` -> megatron's CP group if initialised."""
-    if cp_group is None:
-        # megatron's parallel state can only be initialised if its module was imported: looking
-        # it up in sys.modules avoids importing megatron (seconds) just to learn "no TP/CP"
-        parallel_state = sys.modules.get("megatron.core.parallel_state")
-        if parallel_state is None:
-            return None, 0, 1
-        if not parallel_state.model_parallel_is_initialized():
-            return None, 0, 1
-        if parallel_state.get_context_parallel_world_size() <= 1:
-            return None, 0, 1
-        cp_group = parallel_state.get_context_parallel_group()
-    world = dist.get_world_size(group=cp_group)
-    if world <= 1:
-        return None, 0, 1
-    return cp_group, dist.get_rank(group=cp_group), world
+    return resolve_group(cp_group, "cp")
 
 
 def _pair(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:

@@ -25,11 +25,12 @@ Design (the math, with derivations, is in ``docs/logprobs.md``):
 
 from __future__ import annotations
 
-import sys
 from typing import Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
+
+from psft_megatron.process_groups import resolve_group
 
 __all__ = ["vocab_parallel_logprobs", "vocab_parallel_kl", "default_chunk_size"]
 
@@ -69,25 +70,8 @@ def _shift_into(out: torch.Tensor, z: torch.Tensor, shift: torch.Tensor) -> torc
 # process-group helpers
 # --------------------------------------------------------------------------------------------
 def _resolve_tp_group(tp_group):
-    """``tp_group`` if given, else megatron's TP group when initialised with size > 1, else None.
-
-    Returns ``(group, rank, world_size)``; ``group`` is None for a world of 1.
-    """
-    if tp_group is None:
-        # megatron's parallel state can only be initialised if its module was imported: looking
-        # it up in sys.modules avoids importing megatron (seconds) just to learn "no TP/CP"
-        parallel_state = sys.modules.get("megatron.core.parallel_state")
-        if parallel_state is None:
-            return None, 0, 1
-        if not parallel_state.model_parallel_is_initialized():
-            return None, 0, 1
-        if parallel_state.get_tensor_model_parallel_world_size() <= 1:
-            return None, 0, 1
-        tp_group = parallel_state.get_tensor_model_parallel_group()
-    world = dist.get_world_size(group=tp_group)
-    if world <= 1:
-        return None, 0, 1
-    return tp_group, dist.get_rank(group=tp_group), world
+    """``(group, rank, world_size)``: ``tp_group``, else megatron's TP group, else no TP."""
+    return resolve_group(tp_group, "tp")
 
 
 def _all_gather_stats(stats: torch.Tensor, group, world: int) -> torch.Tensor:
