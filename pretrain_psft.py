@@ -1,0 +1,52 @@
+"""PSFT / SFT / DFT / SFT-KL fine-tuning on Megatron-Core.
+
+    torchrun --nproc_per_node 2 pretrain_psft.py --config-path configs --config-name tiny_cpu \
+        model.psft.clip_eps_high=0.2 trainer.max_steps=50
+
+Config: NeMo-style YAML composed by Hydra (``--config-path``, ``--config-name``, dotted
+overrides); every key is in docs/config.md. Unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config-path", default="configs", help="directory of the YAML configs")
+    parser.add_argument("--config-name", required=True, help="config file name (without .yaml)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.optim.lr=1e-6")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    from psft_megatron.config import ConfigError, load_run_config
+
+    try:
+        cfg, resolved = load_run_config(args.config_path, args.config_name, args.overrides)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    from psft_megatron.training.trainer import Trainer
+
+    trainer = Trainer(cfg, resolved)
+    trainer.setup()
+    try:
+        trainer.train()
+        path = trainer.save() if cfg.exp_manager.checkpoint_callback_params.save_last else None
+        if trainer.is_rank0:
+            print(f"done: {trainer.step} steps; logs in {trainer.log_dir}"
+                  + (f"; checkpoint {path}" if path else ""), flush=True)
+    finally:
+        trainer.close()
+        from psft_megatron.runtime import shutdown
+
+        shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

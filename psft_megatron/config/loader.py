@@ -1,0 +1,206 @@
+"""Load a run config: Hydra/OmegaConf YAML + dotted overrides -> validated :class:`RunConfig`.
+
+    python pretrain_psft.py --config-path configs --config-name tiny_cpu model.psft.clip_eps_high=0.2
+
+Unknown or misspelled keys are errors naming the key and the closest valid one; values of the
+wrong type name the key; nothing is silently ignored. Cross-field checks that need the world
+size (batch divisibility, TP/PP/CP fitting) run before torch.distributed starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from psft_megatron.config.schema import (
+    LOSS_KINDS,
+    MODEL_KEY_ALIASES,
+    PRECISIONS,
+    SCHEDULES,
+    ModelSection,
+    RunConfig,
+)
+
+
+class ConfigError(ValueError):
+    """A bad run configuration; the message names the key."""
+
+
+def _closest(key: str, options: Sequence[str]) -> str:
+    match = difflib.get_close_matches(key, list(options), n=1, cutoff=0.6)
+    return f"; did you mean '{match[0]}'?" if match else f"; valid keys: {', '.join(sorted(options))}"
+
+
+def _check_type(value: Any, default: Any, annotation: Any, key: str) -> Any:
+    if value is None:
+        return None
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is typing.Union and type(None) in args:  # Optional[T]
+        annotation = next(a for a in args if a is not type(None))
+        origin = typing.get_origin(annotation)
+    if annotation is bool or isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+    elif annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+    elif annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        value = float(value)
+    elif annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+    elif origin in (list, List):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        value = list(value)
+    elif origin in (dict, Dict):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        value = dict(value)
+    return value
+
+
+def _build(cls, raw: Optional[Mapping], prefix: str):
+    """Dataclass ``cls`` from ``raw``; unknown keys and wrong types raise naming ``prefix.key``."""
+    if raw is None:
+        return cls()
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{prefix} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in raw.items():
+        full = f"{prefix}.{key}" if prefix else key
+        if key not in fields:
+            raise ConfigError(f"unknown config key '{full}'" + _closest(key, fields))
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            values[key] = _build(hint, value, full)
+            continue
+        field = fields[key]
+        default = field.default if field.default is not dataclasses.MISSING else None
+        values[key] = _check_type(value, default, hint, full)
+    return cls(**values)
+
+
+def _split_model_section(raw: Mapping) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """``model`` keys -> (ModelSection keys, architecture keys); NeMo aliases resolved."""
+    from psft_megatron.model.config import ModelConfig
+
+    arch_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    section_fields = {f.name for f in dataclasses.fields(ModelSection)} - {"architecture"}
+    section, arch = {}, {}
+    for key, value in raw.items():
+        name = MODEL_KEY_ALIASES.get(key, key)
+        if key in section_fields:
+            section[key] = value
+        elif name in arch_fields:
+            if name in arch:
+                raise ConfigError(f"model.{key} and its alias both set ({name})")
+            arch[name] = value
+        else:
+            raise ConfigError(f"unknown config key 'model.{key}'" + _closest(key, sorted(section_fields | arch_fields | set(MODEL_KEY_ALIASES))))
+    return section, arch
+
+
+def build_run_config(raw: Mapping) -> RunConfig:
+    """Validate a plain nested dict (the resolved YAML) into a :class:`RunConfig`."""
+    raw = dict(raw)
+    model_raw = raw.pop("model", None) or {}
+    cfg = _build(RunConfig, raw, "")
+    section, arch = _split_model_section(model_raw)
+    cfg.model = _build(ModelSection, section, "model")
+    cfg.model.architecture = arch
+    _check_values(cfg)
+    return cfg
+
+
+def _check_values(cfg: RunConfig) -> None:
+    psft = cfg.model.psft
+    if psft.loss not in LOSS_KINDS:
+        raise ConfigError(f"model.psft.loss={psft.loss!r} is not one of {', '.join(LOSS_KINDS)}")
+    if not 0.0 <= psft.clip_eps_low < 1.0:
+        raise ConfigError(f"model.psft.clip_eps_low={psft.clip_eps_low} must be in [0, 1)")
+    if psft.clip_eps_high <= 0.0:
+        raise ConfigError(f"model.psft.clip_eps_high={psft.clip_eps_high} must be > 0")
+    if psft.old_policy_interval < 1:
+        raise ConfigError(f"model.psft.old_policy_interval={psft.old_policy_interval} must be >= 1")
+    if psft.warmup_sft_steps < 0:
+        raise ConfigError(f"model.psft.warmup_sft_steps={psft.warmup_sft_steps} must be >= 0")
+    if str(cfg.trainer.precision) not in PRECISIONS:
+        raise ConfigError(f"trainer.precision={cfg.trainer.precision!r} is not one of {', '.join(PRECISIONS)}")
+    if cfg.model.optim.sched.name not in SCHEDULES:
+        raise ConfigError(f"model.optim.sched.name={cfg.model.optim.sched.name!r} is not one of {', '.join(SCHEDULES)}")
+    if cfg.model.optim.name not in ("adam", "adamw"):
+        raise ConfigError(f"model.optim.name={cfg.model.optim.name!r} is not one of adam, adamw")
+    if len(cfg.model.optim.betas) != 2:
+        raise ConfigError(f"model.optim.betas must have two values, got {cfg.model.optim.betas}")
+    if cfg.trainer.max_steps < 1:
+        raise ConfigError(f"trainer.max_steps={cfg.trainer.max_steps} must be >= 1")
+
+
+def check_layout(cfg: RunConfig, world_size: int, vocab_size: Optional[int] = None) -> None:
+    """Cross-field checks that need the world size; run before torch.distributed starts."""
+    m = cfg.model
+    tp, pp, cp = m.tensor_model_parallel_size, m.pipeline_model_parallel_size, m.context_parallel_size
+    vpp = m.virtual_pipeline_model_parallel_size or 1
+    for key, value in (("tensor_model_parallel_size", tp), ("pipeline_model_parallel_size", pp),
+                       ("context_parallel_size", cp), ("micro_batch_size", m.micro_batch_size)):
+        if value < 1:
+            raise ConfigError(f"model.{key}={value} must be >= 1")
+    if world_size % (tp * pp * cp):
+        raise ConfigError(f"world size {world_size} is not divisible by model.tensor_model_parallel_size * "
+                          f"pipeline_model_parallel_size * context_parallel_size = {tp}*{pp}*{cp}")
+    dp = world_size // (tp * pp * cp)
+    arch = m.architecture
+    heads = arch.get("num_attention_heads")
+    groups = arch.get("num_query_groups") or heads
+    if heads and heads % tp:
+        raise ConfigError(f"model.num_attention_heads={heads} is not divisible by model.tensor_model_parallel_size={tp}")
+    if groups and groups % tp:
+        raise ConfigError(f"model.num_query_groups={groups} is not divisible by model.tensor_model_parallel_size={tp}")
+    layers = arch.get("num_layers")
+    if layers and layers % (pp * vpp):
+        raise ConfigError(f"model.num_layers={layers} is not divisible by pipeline_model_parallel_size * "
+                          f"virtual_pipeline_model_parallel_size = {pp}*{vpp}")
+    if m.virtual_pipeline_model_parallel_size and pp < 2:
+        raise ConfigError("model.virtual_pipeline_model_parallel_size needs model.pipeline_model_parallel_size >= 2")
+    if m.global_batch_size % (m.micro_batch_size * dp):
+        raise ConfigError(f"model.global_batch_size={m.global_batch_size} is not divisible by "
+                          f"model.micro_batch_size * data-parallel size = {m.micro_batch_size}*{dp}")
+    if cfg.trainer.devices is not None and "LOCAL_WORLD_SIZE" in os.environ:
+        local = int(os.environ["LOCAL_WORLD_SIZE"])
+        if local != cfg.trainer.devices:
+            raise ConfigError(f"trainer.devices={cfg.trainer.devices} but torchrun started {local} processes per node")
+
+
+def compose_yaml(config_path: str, config_name: str, overrides: List[str]) -> Dict[str, Any]:
+    """Hydra compose of ``config_path/config_name.yaml`` with ``overrides``; returns a plain dict."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    config_dir = os.path.abspath(config_path)
+    name = config_name[:-5] if config_name.endswith(".yaml") else config_name
+    if not os.path.isfile(os.path.join(config_dir, name + ".yaml")):
+        raise ConfigError(f"config file {os.path.join(config_dir, name + '.yaml')} does not exist")
+    try:
+        with initialize_config_dir(config_dir=config_dir, version_base=None):
+            cfg = compose(config_name=name, overrides=list(overrides))
+        return OmegaConf.to_container(cfg, resolve=True)
+    except (HydraException, OmegaConfBaseException) as exc:
+        message = str(exc).splitlines()[0]
+        raise ConfigError(f"{os.path.join(config_dir, name + '.yaml')}: {message}") from exc
+
+
+def load_run_config(config_path: str, config_name: str, overrides: Sequence[str] = ()) -> Tuple[RunConfig, Dict[str, Any]]:
+    """Compose, validate and return (RunConfig, the resolved plain dict for saving with the run)."""
+    raw = compose_yaml(config_path, config_name, list(overrides))
+    return build_run_config(raw), raw

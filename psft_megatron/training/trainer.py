@@ -1,0 +1,271 @@
+"""The PSFT trainer behind ``pretrain_psft.py``: megatron-core model, DDP, optimizer and
+schedules; our data pipeline and loss plug-in; the dynamic old policy.
+
+Old policy (``model.psft.old_policy_interval = K``, after ``warmup_sft_steps = W`` steps of
+plain SFT): the K global batches of a window are read up front; batch 1 uses the current
+log-probs detached (ratio 1); batches 2..K get their old log-probs from a forward-only pass
+(eval mode, no grad) with the window-start weights, kept on the last pipeline stage - K-1
+extra forwards per window. ``freeze_old_policy`` keeps pi_old = the initial model: every
+batch's old log-probs then come from a frozen copy of the initial weights. For SFT-KL the
+reference (a frozen copy of the initial weights, same layout, no optimizer state) gives
+``ref_logprobs`` the same way, in the same step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Dict, Iterator, List, Optional
+
+import torch
+
+from psft_megatron.config.loader import check_layout
+from psft_megatron.config.schema import PRECISIONS, SCHEDULES, RunConfig
+
+logger = logging.getLogger(__name__)
+
+#: metrics shared from the last pipeline stage to rank 0 each step (fixed order)
+STEP_KEYS = ("loss", "nll", "entropy", "clip_frac", "ratio_mean", "ratio_max", "approx_kl", "kl", "num_tokens")
+
+
+def log_dir_of(cfg: RunConfig) -> str:
+    em = cfg.exp_manager
+    return em.explicit_log_dir or os.path.join(em.exp_dir, em.name)
+
+
+class Trainer:
+    """Builds everything from a :class:`RunConfig` and trains. See the module docstring."""
+
+    def __init__(self, cfg: RunConfig, resolved: Optional[dict] = None):
+        self.cfg = cfg
+        self.resolved = resolved or {}
+        self.log_dir = log_dir_of(cfg)
+        self.step = 0
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self) -> None:
+        from megatron.core import parallel_state
+        from megatron.core.optimizer import OptimizerConfig
+
+        from psft_megatron.data import DataConfig, SFTDataset, TokenizerConfig, build_tokenizer
+        from psft_megatron.losses import LossConfig, PSFTLoss
+        from psft_megatron.model import ModelConfig
+        from psft_megatron.runtime import ParallelConfig, initialize
+        from psft_megatron.training.metrics_log import MetricsLogger
+        from psft_megatron.training.setup import ScheduleConfig, setup_model_and_optimizer
+
+        cfg, m = self.cfg, self.cfg.model
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        check_layout(cfg, world)  # before any distributed work
+        tok_cfg = TokenizerConfig.from_dict(m.tokenizer)
+        train_cfg = DataConfig.from_dict(m.data.train_ds, prefix="model.data.train_ds")
+        val_cfg = (DataConfig.from_dict(m.data.validation_ds, prefix="model.data.validation_ds")
+                   if m.data.validation_ds else None)
+        self.parallel = ParallelConfig(m.tensor_model_parallel_size, m.pipeline_model_parallel_size,
+                                       m.virtual_pipeline_model_parallel_size, m.context_parallel_size,
+                                       m.sequence_parallel)
+        self.info = initialize(self.parallel, seed=m.seed)
+        self.is_rank0 = self.info.rank == 0
+
+        self.tokenizer = build_tokenizer(tok_cfg)
+        arch = dict(m.architecture)
+        arch.setdefault("vocab_size", self.tokenizer.vocab_size)
+        arch["params_dtype"] = PRECISIONS[str(cfg.trainer.precision)]
+        self.model_cfg = ModelConfig.from_dict(arch)
+        if self.model_cfg.vocab_size < self.tokenizer.vocab_size:
+            raise ValueError(f"model.vocab_size={self.model_cfg.vocab_size} is smaller than the tokenizer's "
+                             f"{self.tokenizer.vocab_size} ({tok_cfg.model or tok_cfg.type})")
+
+        tp, cp, sp = self.parallel.tensor_model_parallel_size, self.parallel.context_parallel_size, \
+            self.parallel.sequence_parallel
+        self.train_set = SFTDataset.build(train_cfg, self.tokenizer, tok_cfg, tp=tp, cp=cp, sequence_parallel=sp)
+        self.val_set = (SFTDataset.build(val_cfg, self.tokenizer, tok_cfg, tp=tp, cp=cp, sequence_parallel=sp)
+                        if val_cfg else None)
+        self.micro_batch_size = self.train_set.micro_batch_size(m.micro_batch_size)
+        if self.micro_batch_size != m.micro_batch_size and self.is_rank0:
+            print(f"packing: micro-batches hold one packed row (model.micro_batch_size={m.micro_batch_size} "
+                  "ignored); model.global_batch_size counts packed rows", flush=True)
+        # Pipeline parallelism sends fixed-shape activations: every micro-batch is padded to the
+        # full row length. Without PP, micro-batches are padded to their longest sample.
+        self.row_length = self.train_set.row_length
+        self.pad_to = self.row_length if self.parallel.pipeline_model_parallel_size > 1 else None
+
+        optim = m.optim
+        opt_cfg = OptimizerConfig(optimizer="adam", lr=optim.lr, weight_decay=optim.weight_decay,
+                                  adam_beta1=optim.betas[0], adam_beta2=optim.betas[1], adam_eps=optim.eps,
+                                  clip_grad=cfg.trainer.gradient_clip_val)
+        schedule = ScheduleConfig(lr_warmup_steps=optim.sched.warmup_steps,
+                                  lr_decay_steps=optim.sched.max_steps or cfg.trainer.max_steps,
+                                  lr_decay_style=SCHEDULES[optim.sched.name], min_lr=optim.sched.min_lr)
+        self.tm = setup_model_and_optimizer(
+            self.model_cfg, self.parallel, opt_cfg, schedule=schedule, layer_spec=m.layer_spec,
+            use_distributed_optimizer=optim.use_distributed_optimizer,
+            overlap_grad_reduce=optim.overlap_grad_reduce, after_build=self._load_initial_weights)
+
+        psft = m.psft
+        common = dict(agg_mode=psft.agg_mode, compute_entropy=psft.compute_entropy, chunk_size=psft.chunk_size)
+        self.loss = PSFTLoss(LossConfig(kind=psft.loss, clip_eps_low=psft.clip_eps_low,
+                                        clip_eps_high=psft.clip_eps_high, kl_coef=psft.kl_coef,
+                                        kl_estimator=psft.kl_estimator, **common))
+        self.sft_loss = PSFTLoss(LossConfig(kind="sft", **common))
+        if psft.loss == "sft_kl" and psft.kl_estimator == "full":
+            raise NotImplementedError("model.psft.kl_estimator=full needs the reference logits in the training "
+                                      "step; the trainer supports k1 and k3 (use the plug-in directly for full)")
+        if psft.loss == "psft" and psft.old_policy_interval == 1 and not psft.freeze_old_policy and self.is_rank0:
+            print("WARNING: model.psft.old_policy_interval=1: the ratio is always 1 and PSFT equals SFT", flush=True)
+        # A frozen copy of the initial weights: the SFT-KL reference, or pi_old when frozen.
+        needs_frozen = psft.loss == "sft_kl" or (psft.loss == "psft" and psft.freeze_old_policy)
+        self.frozen = self._build_frozen_copy() if needs_frozen else None
+        self.dp_cp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+        self.metrics_log = MetricsLogger(
+            self.log_dir, cfg.trainer.max_steps, enabled=self.is_rank0,
+            tensorboard=cfg.exp_manager.create_tensorboard_logger,
+            wandb_kwargs=(cfg.exp_manager.wandb_logger_kwargs if cfg.exp_manager.create_wandb_logger else None),
+            progress=cfg.trainer.progress_bar)
+        if self.is_rank0:
+            os.makedirs(self.log_dir, exist_ok=True)
+            with open(os.path.join(self.log_dir, "config_resolved.json"), "w") as f:
+                json.dump(self.resolved, f, indent=1)
+            for line in self.train_set.report_lines():
+                print(line, flush=True)
+
+    def _load_initial_weights(self, chunks) -> None:
+        path = self.cfg.model.restore_from_path
+        if path:
+            from psft_megatron.checkpointing import load_checkpoint
+
+            load_checkpoint(path, chunks)
+
+    def _build_frozen_copy(self) -> List:
+        from psft_megatron.checkpointing import unwrap
+        from psft_megatron.model.builder import build_gpt_chunks
+
+        chunks = build_gpt_chunks(self.model_cfg, self.tm.config, self.cfg.model.layer_spec)
+        for frozen, live in zip(chunks, self.tm.chunks):
+            frozen.load_state_dict(unwrap(live).state_dict())
+            frozen.requires_grad_(False)
+            frozen.eval()
+        return chunks
+
+    # ------------------------------------------------------------------ data
+    def _micro_batches(self, dataset, sampler) -> Iterator[List[Dict[str, object]]]:
+        """Per optimizer step: this rank's micro-batches, collated and CP-sliced."""
+        from psft_megatron.training.forward import slice_for_context_parallel
+
+        for step_items in sampler:
+            yield [slice_for_context_parallel(dataset.collate(items, pad_to=self.pad_to)) for items in step_items]
+
+    def _sampler(self, dataset, shuffle: bool, global_batch_size: int):
+        from megatron.core import parallel_state
+
+        from psft_megatron.data import SFTSampler
+
+        return SFTSampler(len(dataset), global_batch_size, self.micro_batch_size,
+                          dp_rank=parallel_state.get_data_parallel_rank(),
+                          dp_size=parallel_state.get_data_parallel_world_size(),
+                          seed=self.cfg.model.seed, shuffle=shuffle, drop_last=True)
+
+    def _seq_length(self, micros) -> int:
+        return int(micros[0]["tokens"].shape[1]) * self.parallel.context_parallel_size
+
+    # ------------------------------------------------------------------ metrics
+    def _share(self, metrics: List[dict], keys=STEP_KEYS) -> Dict[str, float]:
+        """Step metrics reduced on the last stage over DP x CP, then known on every rank."""
+        from megatron.core import parallel_state
+
+        from psft_megatron.losses import reduce_loss_metrics
+
+        values = torch.zeros(len(keys) + 1, dtype=torch.float64)
+        if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+            reduced = reduce_loss_metrics(metrics, group=self.dp_cp_group)
+            if parallel_state.get_tensor_model_parallel_rank() == 0 and torch.distributed.get_rank(self.dp_cp_group) == 0:
+                values[:-1] = torch.tensor([reduced.get(k, float("nan")) for k in keys], dtype=torch.float64)
+                values[-1] = 1.0
+        torch.distributed.all_reduce(values)
+        return {k: v for k, v in zip(keys, values[:-1].tolist()) if v == v}  # drop NaN = absent
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> Dict[str, float]:
+        from psft_megatron.training.forward import attach_logprobs, make_train_forward_step
+        from psft_megatron.training.step import train_step
+
+        cfg, psft = self.cfg, self.cfg.model.psft
+        sampler = self._sampler(self.train_set, shuffle=self.train_set.cfg.shuffle,
+                                global_batch_size=cfg.model.global_batch_size)
+        batches = self._micro_batches(self.train_set, sampler)
+        train_psft = make_train_forward_step(self.loss)
+        train_sft = make_train_forward_step(self.sft_loss)
+        last: Dict[str, float] = {}
+        max_steps = cfg.trainer.max_steps
+        while self.step < max_steps:
+            in_warmup = psft.loss == "psft" and self.step < psft.warmup_sft_steps
+            k = psft.old_policy_interval if psft.loss == "psft" and not in_warmup else 1
+            window_end = min(self.step + k, max_steps, psft.warmup_sft_steps if in_warmup else max_steps)
+            window = [next(batches) for _ in range(window_end - self.step)]
+            if psft.loss == "psft" and not in_warmup:
+                if self.frozen is not None:  # frozen pi_old: every batch against the initial model
+                    for micros in window:
+                        attach_logprobs(self.frozen, micros, self.loss, "old_logprobs",
+                                        seq_length=self._seq_length(micros))
+                else:  # batch 1: ratio 1 (old = current, detached); 2..K: window-start weights
+                    for micros in window[1:]:
+                        attach_logprobs(self.tm.chunks, micros, self.loss, "old_logprobs",
+                                        seq_length=self._seq_length(micros))
+            for micros in window:
+                if psft.loss == "sft_kl":
+                    attach_logprobs(self.frozen, micros, self.loss, "ref_logprobs",
+                                    seq_length=self._seq_length(micros))
+                start = time.time()
+                result = train_step(train_sft if in_warmup else train_psft, [iter(micros) for _ in self.tm.chunks],
+                                    self.tm.chunks, self.tm.optimizer, self.tm.scheduler,
+                                    num_microbatches=len(micros), seq_length=self._seq_length(micros),
+                                    micro_batch_size=int(micros[0]["tokens"].shape[0]))
+                elapsed = time.time() - start
+                self.step += 1
+                last = self._share(result.metrics)
+                last.update(lr=self.tm.optimizer.param_groups[0]["lr"], step_time_s=elapsed,
+                            phase=0.0 if in_warmup else 1.0)
+                if result.grad_norm is not None:
+                    last["grad_norm"] = result.grad_norm
+                if not result.update_successful:
+                    last["skipped"] = 1.0
+                last["tokens_per_s"] = last.get("num_tokens", 0.0) / max(elapsed, 1e-9)
+                if self.step % cfg.trainer.log_every_n_steps == 0 or self.step == max_steps:
+                    self.metrics_log.log(self.step, last)
+                if cfg.trainer.val_check_interval and self.step % cfg.trainer.val_check_interval == 0:
+                    self.validate()
+        return last
+
+    def validate(self) -> Dict[str, float]:
+        """NLL and entropy on held-out data (``model.data.validation_ds``), forward only."""
+        from psft_megatron.training.forward import forward_only, make_train_forward_step
+
+        if self.val_set is None:
+            return {}
+        sampler = self._sampler(self.val_set, shuffle=False, global_batch_size=self.cfg.model.global_batch_size)
+        forward_step = make_train_forward_step(self.sft_loss)
+        collected: List[dict] = []
+        for i, micros in enumerate(self._micro_batches(self.val_set, sampler)):
+            if i >= self.cfg.trainer.limit_val_batches:
+                break
+            collected += forward_only(self.tm.chunks, micros, forward_step, seq_length=self._seq_length(micros))
+        metrics = self._share(collected, keys=("nll", "entropy", "num_tokens"))
+        self.metrics_log.log(self.step, metrics, split="val")
+        return metrics
+
+    def save(self) -> str:
+        """Save model, optimizer, scheduler and counters under ``<log dir>/checkpoints``."""
+        from psft_megatron.checkpointing import save_checkpoint
+
+        path = os.path.join(self.log_dir, "checkpoints", f"iter_{self.step:07d}")
+        save_checkpoint(path, self.tm.chunks, self.tm.optimizer,
+                        common={"iteration": self.step, "scheduler": self.tm.scheduler.state_dict()})
+        if self.is_rank0:
+            with open(os.path.join(self.log_dir, "checkpoints", "latest"), "w") as f:
+                f.write(os.path.basename(path) + "\n")
+        return path
+
+    def close(self) -> None:
+        self.metrics_log.close()
