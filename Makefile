@@ -1,7 +1,7 @@
 # psft-megatron: `make test` and `make demo` set everything up in .venv and run.
 #
 #   make test        install (CPU path: torch==2.13.0 if torch is missing) and run the test suite
-#   make demo        install and run the demo job (PSFT, 2 gloo processes, TP=2 + SP)
+#   make demo        install and run the demo job (PSFT on configs/tiny_cpu.yaml, 2 gloo processes, TP=2 + SP)
 #   make install     only the set-up
 #
 # On a GPU node with torch already installed (e.g. an NGC PyTorch container), reuse the
@@ -27,9 +27,16 @@ install: $(VENV)/.installed
 test: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -ra $(PYTEST_ARGS) tests
 
+DEMO_DIR ?= runs/tiny_cpu
 demo: install
 	OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore $(PY) -m torch.distributed.run --standalone --nproc_per_node 2 \
-		examples/psft_plugin_demo.py --tp 2 --steps 40
+		pretrain_psft.py --config-path configs --config-name tiny_cpu exp_manager.explicit_log_dir=$(DEMO_DIR)
+	$(PY) tools/plot_metrics.py $(DEMO_DIR)/metrics.jsonl -o $(DEMO_DIR)/metrics.png
+	@echo
+	@echo "checkpoint:   $(DEMO_DIR)/checkpoints/$$(cat $(DEMO_DIR)/checkpoints/latest)"
+	@echo "tensorboard:  tensorboard --logdir $(DEMO_DIR)/tensorboard"
+	@echo "metrics:      $(DEMO_DIR)/metrics.jsonl"
+	@echo "plot:         $(DEMO_DIR)/metrics.png"
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -193,11 +193,32 @@ def compose_yaml(config_path: str, config_name: str, overrides: List[str]) -> Di
         raise ConfigError(f"config file {os.path.join(config_dir, name + '.yaml')} does not exist")
     try:
         with initialize_config_dir(config_dir=config_dir, version_base=None):
-            cfg = compose(config_name=name, overrides=list(overrides))
+            base = compose(config_name=name)
+            # A key that the YAML leaves at its schema default is overridden like any other:
+            # Hydra needs '+' to add it. Unknown keys are then caught by build_run_config.
+            overrides = [_as_addition(o) if _missing(base, o) else o for o in overrides]
+            cfg = compose(config_name=name, overrides=overrides)
         return OmegaConf.to_container(cfg, resolve=True)
     except (HydraException, OmegaConfBaseException) as exc:
         message = str(exc).splitlines()[0]
         raise ConfigError(f"{os.path.join(config_dir, name + '.yaml')}: {message}") from exc
+
+
+def _override_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def _missing(base, override: str) -> bool:
+    from omegaconf import OmegaConf
+
+    if override.startswith(("+", "~")) or "=" not in override:
+        return False
+    sentinel = object()
+    return OmegaConf.select(base, _override_key(override), default=sentinel) is sentinel
+
+
+def _as_addition(override: str) -> str:
+    return "+" + override
 
 
 def load_run_config(config_path: str, config_name: str, overrides: Sequence[str] = ()) -> Tuple[RunConfig, Dict[str, Any]]:

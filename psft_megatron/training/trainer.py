@@ -43,6 +43,7 @@ class Trainer:
         self.resolved = resolved or {}
         self.log_dir = log_dir_of(cfg)
         self.step = 0
+        self.history: List[Dict[str, float]] = []  # one record per optimizer step (all ranks)
 
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:
@@ -232,6 +233,7 @@ class Trainer:
                 if not result.update_successful:
                     last["skipped"] = 1.0
                 last["tokens_per_s"] = last.get("num_tokens", 0.0) / max(elapsed, 1e-9)
+                self.history.append(dict(last, step=self.step))
                 if self.step % cfg.trainer.log_every_n_steps == 0 or self.step == max_steps:
                     self.metrics_log.log(self.step, last)
                 if cfg.trainer.val_check_interval and self.step % cfg.trainer.val_check_interval == 0:

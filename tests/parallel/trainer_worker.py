@@ -1,0 +1,95 @@
+"""Trainer parity worker: the same tiny PSFT run (K = 4) at several layouts in ONE launch.
+
+    torchrun --nproc_per_node 4 tests/parallel/trainer_worker.py --out /tmp/t.json
+
+All runs start from the same initial weights (saved once, loaded through
+``model.restore_from_path``) and read the same global batches; their per-step losses must
+agree within 1e-5 (fp32). Also: K = 1 equals SFT, and the SFT warm-up switches at step W.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+
+from psft_megatron.config import load_run_config  # noqa: E402
+from psft_megatron.training.trainer import Trainer  # noqa: E402
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+BASE = ["trainer.max_steps=8", "trainer.val_check_interval=0", "trainer.progress_bar=false",
+        "trainer.devices=null", "model.psft.old_policy_interval=4", "model.global_batch_size=8",
+        "model.micro_batch_size=2", "model.optim.sched.warmup_steps=0", "model.num_layers=4",
+        "exp_manager.create_tensorboard_logger=false"]
+
+LAYOUTS = {
+    "tp1": ["model.tensor_model_parallel_size=1", "model.sequence_parallel=false"],
+    "tp2": ["model.tensor_model_parallel_size=2", "model.sequence_parallel=false"],
+    "tp2_sp": ["model.tensor_model_parallel_size=2", "model.sequence_parallel=true"],
+    "pp2": ["model.tensor_model_parallel_size=1", "model.sequence_parallel=false", "model.pipeline_model_parallel_size=2"],
+    "tp2_pp2": ["model.tensor_model_parallel_size=2", "model.pipeline_model_parallel_size=2"],
+    "cp2": ["model.tensor_model_parallel_size=1", "model.sequence_parallel=false", "model.context_parallel_size=2"],
+}
+# variants at TP=2+SP
+VARIANTS = {
+    "k1": ["model.psft.old_policy_interval=1"],
+    "sft": ["model.psft.loss=sft"],
+    "warmup3": ["model.psft.warmup_sft_steps=3"],
+}
+
+
+def run(overrides, workdir, name):
+    cfg, resolved = load_run_config(os.path.join(REPO, "configs"), "tiny_cpu",
+                                    BASE + [f"exp_manager.explicit_log_dir={os.path.join(workdir, name)}"] + overrides)
+    trainer = Trainer(cfg, resolved)
+    trainer.setup()
+    trainer.train()
+    trainer.close()
+    return trainer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    os.chdir(REPO)
+    # one shared temp dir, named by rank 0
+    holder = [tempfile.mkdtemp(prefix="psft_trainer_") if os.environ.get("RANK", "0") == "0" else None]
+    init = Trainer(load_run_config(os.path.join(REPO, "configs"), "tiny_cpu", BASE + LAYOUTS["tp1"])[0])
+    init.setup()  # world-of-N TP=1 set-up only to write the initial weights
+    torch.distributed.broadcast_object_list(holder, src=0)
+    workdir = holder[0]
+    init.log_dir = os.path.join(workdir, "init")
+    weights = init.save()
+    init.close()
+    restore = [f"model.restore_from_path={weights}"]
+
+    results = {}
+    for name, overrides in list(LAYOUTS.items()) + [(n, LAYOUTS["tp2_sp"] + o) for n, o in VARIANTS.items()]:
+        try:
+            trainer = run(restore + overrides, workdir, name)
+            results[name] = {"history": trainer.history}
+        except Exception as exc:  # reported per run by the test
+            import traceback
+
+            results[name] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+        if torch.distributed.get_rank() == 0:
+            losses = [round(h["loss"], 6) for h in results[name].get("history", [])]
+            print(f"[trainer] {name}: {losses or results[name].get('error')}", flush=True)
+    if torch.distributed.get_rank() == 0:
+        with open(args.out, "w") as f:
+            json.dump(results, f)
+        shutil.rmtree(workdir, ignore_errors=True)
+    torch.distributed.barrier()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""Run-config loading: NeMo-style YAML + overrides, unknown keys named with a suggestion."""
+
+import os
+
+import pytest
+
+from psft_megatron.config import ConfigError, build_run_config, check_layout, load_run_config
+from tests.parallel.launch import REPO
+
+CONFIGS = os.path.join(REPO, "configs")
+
+
+def test_tiny_config_loads_with_overrides():
+    cfg, raw = load_run_config(CONFIGS, "tiny_cpu", ["model.psft.clip_eps_high=0.2", "trainer.progress_bar=false",
+                                                     "model.kv_channels=32"])
+    assert cfg.model.psft.clip_eps_high == 0.2 and cfg.trainer.progress_bar is False
+    assert cfg.model.architecture["head_dim"] == 32  # NeMo alias
+    assert cfg.model.tensor_model_parallel_size == 2 and raw["model"]["psft"]["loss"] == "psft"
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("model.psft.clip_eps_hihg=0.2", "'model.psft.clip_eps_hihg'; did you mean 'clip_eps_high'"),
+        ("model.optim.lrr=1", "'model.optim.lrr'; did you mean 'lr'"),
+        ("model.num_layer=2", "'model.num_layer'; did you mean 'num_layers'"),
+        ("trainer.max_step=3", "'trainer.max_step'; did you mean 'max_steps'"),
+        ("model.psft.loss=ppo", "model.psft.loss='ppo' is not one of psft, sft, dft, sft_kl"),
+        ("model.psft.old_policy_interval=0", "model.psft.old_policy_interval=0 must be >= 1"),
+        ("trainer.max_steps=abc", "trainer.max_steps must be an integer"),
+        ("trainer.precision=fp8", "trainer.precision='fp8' is not one of"),
+        ("model.optim.sched.name=exp", "model.optim.sched.name='exp' is not one of"),
+    ],
+)
+def test_bad_keys_and_values_are_named(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_run_config(CONFIGS, "tiny_cpu", [override])
+    assert message in str(err.value)
+
+
+def test_missing_config_file_is_named():
+    with pytest.raises(ConfigError, match="nope.yaml does not exist"):
+        load_run_config(CONFIGS, "nope")
+
+
+@pytest.mark.parametrize(
+    "model,world,message",
+    [
+        ({"num_attention_heads": 6, "num_query_groups": 6, "tensor_model_parallel_size": 4}, 4,
+         "model.num_attention_heads=6 is not divisible by model.tensor_model_parallel_size=4"),
+        ({"num_attention_heads": 4, "num_query_groups": 1, "tensor_model_parallel_size": 2}, 2,
+         "model.num_query_groups=1 is not divisible"),
+        ({"num_layers": 3, "pipeline_model_parallel_size": 2}, 2, "model.num_layers=3 is not divisible"),
+        ({"global_batch_size": 6, "micro_batch_size": 4}, 1, "model.global_batch_size=6 is not divisible"),
+        ({"tensor_model_parallel_size": 2}, 3, "world size 3 is not divisible"),
+    ],
+)
+def test_layout_checks_name_the_keys(model, world, message):
+    cfg = build_run_config({"model": model})
+    with pytest.raises(ConfigError, match=message.replace("*", r"\*")):
+        check_layout(cfg, world)

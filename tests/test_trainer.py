@@ -1,0 +1,59 @@
+"""The trainer end to end (tests/parallel/trainer_worker.py, one 4-process launch):
+the same tiny PSFT run (K = 4) at TP=1, TP=2, TP=2+SP, PP=2, TP=2+PP=2 and CP=2 gives the
+same per-step metrics within 1e-5 (fp32); K = 1 trains exactly like SFT; the SFT warm-up
+switches to PSFT at step W."""
+
+import pytest
+
+from tests.parallel.launch import torchrun
+from tests.parallel.trainer_worker import LAYOUTS
+
+TOLERANCE = 1e-5
+_cache = {}
+
+
+def results():
+    if "r" not in _cache:
+        _cache["r"] = torchrun("tests/parallel/trainer_worker.py", 4, [])
+    return _cache["r"]
+
+
+def history(name):
+    entry = results()[name]
+    assert "error" not in entry, f"{name}: {entry.get('error')}\n{entry.get('traceback')}"
+    return entry["history"]
+
+
+def series(name, key):
+    return [h[key] for h in history(name)]
+
+
+@pytest.mark.parametrize("name", [n for n in LAYOUTS if n != "tp1"])
+def test_psft_curve_is_layout_independent(name):
+    for key in ("loss", "nll", "entropy", "clip_frac"):
+        got, want = series(name, key), series("tp1", key)
+        assert len(got) == len(want) == 8
+        diff = max(abs(a - b) for a, b in zip(got, want))
+        assert diff <= TOLERANCE, f"{name} {key}: {got} vs TP=1 {want} (diff {diff:.3g})"
+
+
+def test_old_policy_windows():
+    loss, ratio = series("tp1", "loss"), series("tp1", "ratio_mean")
+    # K = 4: the first batch of each window has ratio exactly 1; later ones move and clip.
+    assert ratio[0] == 1.0 and ratio[4] == 1.0 and loss[0] == -1.0 and loss[4] == -1.0
+    assert all(r > 1.0 for i, r in enumerate(ratio) if i % 4), ratio
+    assert max(series("tp1", "clip_frac")) > 0.0
+
+
+def test_k1_trains_exactly_like_sft():
+    assert series("k1", "loss") == [-1.0] * 8  # ratio 1 on every batch
+    got, want = series("k1", "nll"), series("sft", "nll")
+    assert max(abs(a - b) for a, b in zip(got, want)) <= TOLERANCE, (got, want)
+
+
+def test_warmup_switches_at_step_w():
+    warm, sft = history("warmup3"), history("sft")
+    assert [h["phase"] for h in warm] == [0.0] * 3 + [1.0] * 5
+    assert [h["loss"] for h in warm[:3]] == pytest.approx([h["loss"] for h in sft[:3]], abs=TOLERANCE)
+    assert warm[3]["loss"] == -1.0 and warm[7]["loss"] == -1.0  # windows start at W and W + K
+    assert all(h["loss"] < -1.0 for h in warm[4:7])
