@@ -59,3 +59,14 @@ def test_layout_checks_name_the_keys(model, world, message):
     cfg = build_run_config({"model": model})
     with pytest.raises(ConfigError, match=message.replace("*", r"\*")):
         check_layout(cfg, world)
+
+
+@pytest.mark.parametrize("name", sorted(f[:-5] for f in os.listdir(CONFIGS) if f.endswith(".yaml")))
+def test_shipped_configs_load_and_fit_their_world(name):
+    from psft_megatron.model import ModelConfig
+
+    cfg, _ = load_run_config(CONFIGS, name)
+    check_layout(cfg, (cfg.trainer.devices or 1) * cfg.trainer.num_nodes)
+    arch = dict(cfg.model.architecture)
+    arch.setdefault("vocab_size", 1000)  # the tiny config takes it from its tokenizer
+    ModelConfig.from_dict(arch)
