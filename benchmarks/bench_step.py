@@ -1,0 +1,97 @@
+"""PSFT vs SFT optimizer-step time, side by side in one run (same model, data and layout).
+
+    torchrun --nproc_per_node 2 benchmarks/bench_step.py            # CPU, TP=2 + SP
+    torchrun --nproc_per_node 8 benchmarks/bench_step.py --hidden 2048 --layers 8 --seq 4096   # GPU
+
+PSFT with K steps per old-policy window costs K-1 extra forward-only passes per window; with a
+forward at ~1/3 of forward+backward the expected ratio is 1 + (K-1)/(3K) (verl-style passes cost
+K/(3K)). Target: PSFT / SFT <= 1 + (K-1)/(3K) + 0.05 for K = 4 and 8. Variants run interleaved
+(round-robin, several rounds) so machine noise hits them alike; the median round is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from psft_megatron.config import load_run_config  # noqa: E402
+from psft_megatron.training.trainer import Trainer  # noqa: E402
+
+
+def build(args, loss_overrides):
+    overrides = [
+        f"trainer.max_steps={args.steps}", "trainer.val_check_interval=0", "trainer.progress_bar=false",
+        "trainer.devices=null", f"model.num_layers={args.layers}", f"model.hidden_size={args.hidden}",
+        f"model.ffn_hidden_size={4 * args.hidden}", f"model.num_attention_heads={max(4, args.hidden // 64)}",
+        f"model.num_query_groups={max(2, args.hidden // 256)}", f"model.tensor_model_parallel_size={args.tp}",
+        f"model.sequence_parallel={'true' if args.tp > 1 else 'false'}",
+        f"model.data.train_ds.max_seq_length={args.seq}", "model.data.train_ds.packing=true",
+        f"model.max_position_embeddings={args.seq}", f"model.global_batch_size={args.global_batch}",
+        "exp_manager.create_tensorboard_logger=false", f"exp_manager.explicit_log_dir={args.log_dir}",
+        "trainer.precision=" + args.precision,
+    ] + loss_overrides
+    cfg, raw = load_run_config(os.path.join(os.path.dirname(__file__), "..", "configs"), "tiny_cpu", overrides)
+    trainer = Trainer(cfg, raw)
+    trainer.setup()
+    return trainer
+
+
+def timed_round(trainer) -> float:
+    trainer.step = 0
+    torch.distributed.barrier()
+    start = time.perf_counter()
+    trainer.train()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    torch.distributed.barrier()
+    return (time.perf_counter() - start) / trainer.step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tp", type=int, default=2)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--global-batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=16, help="optimizer steps per round (multiple of 8)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--precision", default="32")
+    parser.add_argument("--log-dir", default="/tmp/psft_bench_step")
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // int(os.environ.get("WORLD_SIZE", "1"))))
+    variants = {"sft": ["model.psft.loss=sft"],
+                "psft_k4": ["model.psft.loss=psft", "model.psft.old_policy_interval=4"],
+                "psft_k8": ["model.psft.loss=psft", "model.psft.old_policy_interval=8"]}
+    trainers = {name: build(args, o) for name, o in variants.items()}
+    times = {name: [] for name in variants}
+    for _ in range(args.rounds):
+        for name, trainer in trainers.items():
+            times[name].append(timed_round(trainer))
+    if torch.distributed.get_rank() == 0:
+        sft = statistics.median(times["sft"])
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+        print(f"\n{device}, world {torch.distributed.get_world_size()}, TP={args.tp}, layers {args.layers}, "
+              f"hidden {args.hidden}, seq {args.seq}, global batch {args.global_batch}, precision {args.precision}, "
+              f"{args.rounds} rounds x {args.steps} steps, {time.strftime('%Y-%m-%d')}")
+        print("| variant | s/step (median) | vs SFT | target |")
+        print("|---|---|---|---|")
+        for name in variants:
+            t = statistics.median(times[name])
+            k = {"sft": 1, "psft_k4": 4, "psft_k8": 8}[name]
+            target = 1 + (k - 1) / (3 * k) + 0.05 if k > 1 else 1.0
+            print(f"| {name} | {t:.4f} | {t / sft:.3f} | {'<= %.3f' % target if k > 1 else '-'} |")
+    for trainer in trainers.values():
+        trainer.close()
+
+
+if __name__ == "__main__":
+    main()
