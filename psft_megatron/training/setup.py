@@ -89,6 +89,11 @@ def setup_model_and_optimizer(
     chunks = build_gpt_chunks(model_cfg, config, layer_spec)
     if after_build is not None:
         after_build(chunks)
+    if config.bf16 or config.fp16:
+        # As Megatron-LM: half-precision params, fp32 logits out of the last stage.
+        from megatron.core.transformer.module import Float16Module
+
+        chunks = [Float16Module(config, chunk) for chunk in chunks]
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=overlap_grad_reduce,
