@@ -27,7 +27,8 @@ setup(
         "numpy",
     ],
     extras_require={
-        "test": ["pytest>=7"],
+        "test": ["pytest>=7", "pyarrow>=12"],
+        "data": ["pyarrow>=12"],  # Parquet and HF `datasets` save_to_disk directories
         "te": ["transformer-engine[pytorch]"],
         "nemo": ["nemo-toolkit"],
     },

@@ -19,6 +19,7 @@ _INSTALL_HINTS = {
     ),
     "apex": ("apex fused kernels", "install NVIDIA apex from source (optional)"),
     "nemo": ("NeMo integration", "pip install -e '.[nemo]'"),
+    "pyarrow": ("reading Parquet files and Hugging Face datasets directories", "pip install -e '.[data]'"),
 }
 
 

@@ -89,6 +89,11 @@ class SDPACoreAttention(MegatronModule):
         with np query heads and ng key/value groups on this rank (GQA: np % ng == 0).
     With CP > 1, sq = sk = this rank's share of the sequence; K/V are all-gathered.
     The attention mask passed by GPTModel is ignored: the mask type is causal.
+
+    Packed sequences (``packed_seq_params.qkv_format == 'thd'``): megatron squeezes the batch
+    dim, so query is [t, np, hn] and key/value [t, ng, hn] -> output [t, np * hn]. Attention
+    is causal inside each segment of ``cu_seqlens_q`` (``cu_seqlens_q_padded`` if set) and
+    never crosses segments (block-diagonal causal mask). Not supported with CP > 1.
     """
 
     def __init__(
@@ -127,10 +132,10 @@ class SDPACoreAttention(MegatronModule):
         attention_bias: Optional[torch.Tensor] = None,
         packed_seq_params=None,
     ) -> torch.Tensor:
-        if packed_seq_params is not None:
-            raise NotImplementedError("SDPACoreAttention does not support packed_seq_params (THD)")
         if attention_bias is not None:
             raise NotImplementedError("SDPACoreAttention does not support attention_bias")
+        if packed_seq_params is not None:
+            return self._forward_thd(query, key, value, packed_seq_params)
         cp_group = self._cp_group()
         cp_size = cp_group.size()
         mask = None
@@ -158,3 +163,44 @@ class SDPACoreAttention(MegatronModule):
         sq, b = query.shape[0], query.shape[1]
         return out.permute(2, 0, 1, 3).reshape(sq, b, heads * query.shape[3])
 
+    def _forward_thd(self, query, key, value, packed_seq_params) -> torch.Tensor:
+        """THD (packed) attention: block-diagonal causal mask from the cu_seqlens boundaries."""
+        if packed_seq_params.qkv_format != "thd":
+            raise NotImplementedError(
+                f"SDPACoreAttention supports packed_seq_params with qkv_format='thd' only, "
+                f"got {packed_seq_params.qkv_format!r}"
+            )
+        if self._cp_group().size() > 1:
+            raise NotImplementedError(
+                "SDPACoreAttention: packed sequences (THD) with context parallelism (CP > 1) are not "
+                "supported on the CPU layer spec; use the 'te' spec on GPU or disable packing"
+            )
+        if query.dim() == 4:  # tolerate an unsqueezed batch dim of 1: [t, 1, n, d]
+            if query.shape[1] != 1:
+                raise ValueError(f"THD attention needs batch size 1, got query {tuple(query.shape)}")
+            query, key, value = query.squeeze(1), key.squeeze(1), value.squeeze(1)
+        cu = packed_seq_params.cu_seqlens_q_padded
+        if cu is None:
+            cu = packed_seq_params.cu_seqlens_q
+        if cu is None:
+            raise ValueError("THD attention needs packed_seq_params.cu_seqlens_q")
+        t = query.shape[0]
+        cu = cu.to(device=query.device, dtype=torch.long)
+        if int(cu[-1]) != t:
+            raise ValueError(f"THD attention: cu_seqlens ends at {int(cu[-1])} but the packed length is {t}")
+        lengths = cu[1:] - cu[:-1]
+        segment = torch.repeat_interleave(torch.arange(lengths.numel(), device=query.device), lengths)
+        pos = torch.arange(t, device=query.device)
+        mask = (segment[None, :] == segment[:, None]) & (pos[None, :] <= pos[:, None])  # [t, t]
+        heads, groups = query.shape[1], key.shape[1]
+        if heads != groups:
+            key = key.repeat_interleave(heads // groups, dim=1)
+            value = value.repeat_interleave(heads // groups, dim=1)
+        # [t, n, d] -> [1, n, t, d]
+        q, k, v = (x.permute(1, 0, 2).unsqueeze(0) for x in (query, key, value))
+        dropout_p = self.dropout_p if self.training else 0.0
+        with get_cuda_rng_tracker().fork() if dropout_p > 0 else contextlib.nullcontext():
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=False, scale=self.softmax_scale
+            )
+        return out.squeeze(0).permute(1, 0, 2).reshape(t, heads * query.shape[2])

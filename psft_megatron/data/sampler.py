@@ -1,0 +1,117 @@
+"""Deterministic, resumable, DP-sharded batch sampler.
+
+Items are dataset entries (samples, or packed rows when packing). Per epoch ``e`` the item
+order is a permutation drawn from ``numpy.random.default_rng([seed, e])`` (identity when
+``shuffle=False``). It is cut into global batches of ``global_batch_size`` items; each global
+batch into ``num_microbatches = global_batch_size // (micro_batch_size * dp_size)`` chunks
+of ``micro_batch_size * dp_size`` items, and DP rank r takes items
+``[r * micro_batch_size, (r + 1) * micro_batch_size)`` of each chunk. So the DP shards of an
+epoch are disjoint and together cover every item of the full global batches.
+
+The tail ``num_items % global_batch_size`` of each epoch is dropped (``drop_last=True``,
+reported as ``dropped_per_epoch``) or, with ``drop_last=False``, the last global batch is
+filled up with items from the start of the same epoch's order (``repeated_per_epoch``).
+
+State: ``{"epoch", "consumed_samples", "step_in_epoch"}``, ``consumed_samples`` counting
+global items over all epochs; restoring it resumes at the next optimizer step with exactly
+the batches an uninterrupted run would see.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, List
+
+import numpy as np
+
+
+class SFTSampler:
+    """Iterating yields, per optimizer step, this rank's micro-batches: ``List[List[int]]``
+    (``num_microbatches`` lists of ``micro_batch_size`` item indices)."""
+
+    def __init__(self, num_samples: int, global_batch_size: int, micro_batch_size: int, dp_rank: int = 0,
+                 dp_size: int = 1, seed: int = 1234, shuffle: bool = True, drop_last: bool = True,
+                 num_epochs: int | None = None):
+        if micro_batch_size < 1 or global_batch_size < 1:
+            raise ValueError("micro_batch_size and global_batch_size must be >= 1")
+        if global_batch_size % (micro_batch_size * dp_size):
+            raise ValueError(
+                f"global_batch_size={global_batch_size} is not a multiple of micro_batch_size * dp_size = "
+                f"{micro_batch_size} * {dp_size}")
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank={dp_rank} not in [0, {dp_size})")
+        if num_samples < global_batch_size and drop_last:
+            raise ValueError(
+                f"{num_samples} items are fewer than one global batch ({global_batch_size}); "
+                "lower global_batch_size or add data")
+        if num_samples < 1:
+            raise ValueError("the dataset is empty")
+        self.num_samples = num_samples
+        self.global_batch_size = global_batch_size
+        self.micro_batch_size = micro_batch_size
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
+        self.num_epochs = num_epochs
+        self.num_microbatches = global_batch_size // (micro_batch_size * dp_size)
+        full, tail = divmod(num_samples, global_batch_size)
+        self.steps_per_epoch = full if (drop_last or tail == 0) else full + 1
+        self.dropped_per_epoch = tail if drop_last else 0
+        self.repeated_per_epoch = 0 if (drop_last or tail == 0) else global_batch_size - tail
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self.consumed_samples = 0
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+                "consumed_samples": self.consumed_samples, "seed": self.seed,
+                "num_samples": self.num_samples, "global_batch_size": self.global_batch_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("num_samples", "global_batch_size", "seed"):
+            if key in state and state[key] != getattr(self, key):
+                raise ValueError(f"sampler state has {key}={state[key]} but this run has {getattr(self, key)}; "
+                                 "resuming would not reproduce the batches")
+        self.epoch = int(state["epoch"])
+        self.step_in_epoch = int(state.get("step_in_epoch", 0))
+        self.consumed_samples = int(state["consumed_samples"])
+
+    # ------------------------------------------------------------------ order
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """int64 [steps_per_epoch * global_batch_size]: the item order of ``epoch``."""
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+        else:
+            order = np.arange(self.num_samples)
+        need = self.steps_per_epoch * self.global_batch_size
+        if need > len(order):
+            order = np.concatenate([order, order[: need - len(order)]])
+        return order[:need]
+
+    def global_batch(self, epoch: int, step: int) -> np.ndarray:
+        """Item indices [global_batch_size] of optimizer step ``step`` of ``epoch`` (all ranks)."""
+        g = self.global_batch_size
+        return self.epoch_order(epoch)[step * g : (step + 1) * g]
+
+    def rank_microbatches(self, batch: np.ndarray) -> List[List[int]]:
+        """This rank's micro-batches of a global batch."""
+        mbs, chunk = self.micro_batch_size, self.micro_batch_size * self.dp_size
+        return [batch[m * chunk + self.dp_rank * mbs : m * chunk + (self.dp_rank + 1) * mbs].tolist()
+                for m in range(self.num_microbatches)]
+
+    def __iter__(self) -> Iterator[List[List[int]]]:
+        order_epoch, order = None, None
+        while self.num_epochs is None or self.epoch < self.num_epochs:
+            if self.step_in_epoch >= self.steps_per_epoch:
+                self.epoch += 1
+                self.step_in_epoch = 0
+                continue
+            if order_epoch != self.epoch:
+                order, order_epoch = self.epoch_order(self.epoch), self.epoch
+            g = self.global_batch_size
+            batch = order[self.step_in_epoch * g : (self.step_in_epoch + 1) * g]
+            self.step_in_epoch += 1
+            self.consumed_samples += g
+            yield self.rank_microbatches(batch)
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch

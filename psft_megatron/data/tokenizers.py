@@ -1,0 +1,154 @@
+"""Tokenizers: Hugging Face (local directory, with its chat template) and SentencePiece.
+
+``build_tokenizer(TokenizerConfig)`` returns a :class:`Tokenizer` with one interface:
+``encode(text) -> list[int]`` (no special tokens added), ``bos_id`` / ``eos_id`` / ``pad_id``
+(may be None except eos), ``vocab_size``, ``has_chat_template``,
+``render_chat(messages, add_generation_prompt) -> str``, ``token_to_id``, ``special_ids`` and
+``fingerprint()`` (sha256 over the tokenizer files, for the cache key). Nothing is ever
+downloaded: HF tokenizers load with ``local_files_only=True``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import List, Optional, Sequence
+
+from psft_megatron.data.config import TokenizerConfig
+from psft_megatron.data.errors import ConfigError
+
+
+def _hash_paths(paths: Sequence[str]) -> str:
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        h.update(os.path.basename(p).encode())
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+class Tokenizer:
+    """Common interface; see the module docstring."""
+
+    library = ""
+    bos_id: Optional[int] = None
+    eos_id: Optional[int] = None
+    pad_id: Optional[int] = None
+    vocab_size: int = 0
+    has_chat_template = False
+
+    def encode(self, text: str) -> List[int]:
+        raise NotImplementedError
+
+    def decode(self, ids: Sequence[int]) -> str:
+        raise NotImplementedError
+
+    def token_to_id(self, token: str) -> Optional[int]:
+        raise NotImplementedError
+
+    @property
+    def special_ids(self) -> set:
+        return {i for i in (self.bos_id, self.eos_id, self.pad_id) if i is not None}
+
+    def render_chat(self, messages: List[dict], add_generation_prompt: bool = False) -> str:
+        raise ConfigError(f"model.tokenizer: the {self.library} tokenizer has no chat template")
+
+    def fingerprint(self) -> str:
+        raise NotImplementedError
+
+
+class HFTokenizer(Tokenizer):
+    """A ``transformers`` tokenizer from a local directory."""
+
+    library = "huggingface"
+
+    def __init__(self, path: str):
+        if not os.path.isdir(path):
+            raise ConfigError(f"model.tokenizer.model: {path!r} is not a directory (HF tokenizers load from a local dir)")
+        from transformers import AutoTokenizer
+
+        self.path = path
+        try:
+            self.hf = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except Exception as exc:  # noqa: BLE001
+            raise ConfigError(f"model.tokenizer.model: cannot load a Hugging Face tokenizer from {path!r}: {exc}") from exc
+        self.bos_id = self.hf.bos_token_id
+        self.eos_id = self.hf.eos_token_id
+        self.pad_id = self.hf.pad_token_id
+        self.vocab_size = len(self.hf)
+        self.has_chat_template = bool(getattr(self.hf, "chat_template", None))
+
+    def encode(self, text: str) -> List[int]:
+        return self.hf.encode(text, add_special_tokens=False)
+
+    def encode_batch(self, texts: List[str]) -> List[List[int]]:
+        backend = getattr(self.hf, "backend_tokenizer", None)  # fast tokenizers: skip the Python wrapper
+        if backend is not None:
+            return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+        return self.hf(texts, add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids):
+        return self.hf.decode(list(ids))
+
+    def token_to_id(self, token: str) -> Optional[int]:
+        tid = self.hf.convert_tokens_to_ids(token)
+        return None if tid is None or tid == self.hf.unk_token_id else tid
+
+    @property
+    def special_ids(self) -> set:
+        return set(self.hf.all_special_ids)
+
+    def render_chat(self, messages, add_generation_prompt=False) -> str:
+        if not self.has_chat_template:
+            return super().render_chat(messages, add_generation_prompt)
+        return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def fingerprint(self) -> str:
+        files = [os.path.join(self.path, f) for f in os.listdir(self.path)
+                 if os.path.isfile(os.path.join(self.path, f)) and not f.endswith((".safetensors", ".bin", ".pt"))]
+        return _hash_paths(files)
+
+
+class SPTokenizer(Tokenizer):
+    """A SentencePiece ``.model`` file."""
+
+    library = "sentencepiece"
+
+    def __init__(self, path: str):
+        if not os.path.isfile(path):
+            raise ConfigError(f"model.tokenizer.model: SentencePiece model file {path!r} not found")
+        import sentencepiece as spm
+
+        self.path = path
+        self.sp = spm.SentencePieceProcessor(model_file=path)
+        self.vocab_size = self.sp.get_piece_size()
+        self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
+        self.eos_id = self.sp.eos_id() if self.sp.eos_id() >= 0 else None
+        self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else None
+        if self.eos_id is None:
+            raise ConfigError(f"model.tokenizer.model: SentencePiece model {path!r} has no EOS piece")
+
+    def encode(self, text: str) -> List[int]:
+        return self.sp.encode(text)
+
+    def encode_batch(self, texts):
+        return self.sp.encode(texts)
+
+    def decode(self, ids):
+        return self.sp.decode(list(ids))
+
+    def token_to_id(self, token: str) -> Optional[int]:
+        tid = self.sp.piece_to_id(token)
+        return None if tid == self.sp.unk_id() and token != self.sp.id_to_piece(tid) else tid
+
+    def fingerprint(self) -> str:
+        return _hash_paths([self.path])
+
+
+def build_tokenizer(cfg: TokenizerConfig) -> Tokenizer:
+    """The tokenizer named by ``model.tokenizer.library`` and ``.model`` / ``.type``."""
+    cfg.validate()
+    if cfg.library == "huggingface":
+        return HFTokenizer(cfg.path)
+    return SPTokenizer(cfg.path)
