@@ -45,6 +45,14 @@ def test_old_policy_windows():
     assert max(series("tp1", "clip_frac")) > 0.0
 
 
+@pytest.mark.parametrize("name", ["tp2_pp2", "cp2"])
+def test_old_logprobs_are_a_fresh_forward_of_the_window_start_weights(name):
+    history(name)
+    check = results()[name]["old_logprob_check"]
+    assert check["batches"] >= 6, check  # 2 windows x 3 batches (x micro-batches) on the last stage
+    assert check["max_diff"] <= 1e-6, check
+
+
 def test_k1_trains_exactly_like_sft():
     assert series("k1", "loss") == [-1.0] * 8  # ratio 1 on every batch
     got, want = series("k1", "nll"), series("sft", "nll")

@@ -206,14 +206,7 @@ class Trainer:
             window_end = min(self.step + k, max_steps, psft.warmup_sft_steps if in_warmup else max_steps)
             window = [next(batches) for _ in range(window_end - self.step)]
             if psft.loss == "psft" and not in_warmup:
-                if self.frozen is not None:  # frozen pi_old: every batch against the initial model
-                    for micros in window:
-                        attach_logprobs(self.frozen, micros, self.loss, "old_logprobs",
-                                        seq_length=self._seq_length(micros))
-                else:  # batch 1: ratio 1 (old = current, detached); 2..K: window-start weights
-                    for micros in window[1:]:
-                        attach_logprobs(self.tm.chunks, micros, self.loss, "old_logprobs",
-                                        seq_length=self._seq_length(micros))
+                self._attach_old_logprobs(window)
             for micros in window:
                 if psft.loss == "sft_kl":
                     attach_logprobs(self.frozen, micros, self.loss, "ref_logprobs",
@@ -239,6 +232,18 @@ class Trainer:
                 if cfg.trainer.val_check_interval and self.step % cfg.trainer.val_check_interval == 0:
                     self.validate()
         return last
+
+    def _attach_old_logprobs(self, window: List[List[Dict[str, object]]]) -> None:
+        """pi_old log-probs for a window of global batches (see the module docstring)."""
+        from psft_megatron.training.forward import attach_logprobs
+
+        if self.frozen is not None:  # frozen pi_old: every batch against the initial model
+            for micros in window:
+                attach_logprobs(self.frozen, micros, self.loss, "old_logprobs", seq_length=self._seq_length(micros))
+        else:  # batch 1: ratio 1 (old = current, detached); 2..K: the window-start weights
+            for micros in window[1:]:
+                attach_logprobs(self.tm.chunks, micros, self.loss, "old_logprobs",
+                                seq_length=self._seq_length(micros))
 
     def validate(self) -> Dict[str, float]:
         """NLL and entropy on held-out data (``model.data.validation_ds``), forward only."""

@@ -4,7 +4,9 @@
 
 All runs start from the same initial weights (saved once, loaded through
 ``model.restore_from_path``) and read the same global batches; their per-step losses must
-agree within 1e-5 (fp32). Also: K = 1 equals SFT, and the SFT warm-up switches at step W.
+agree within 1e-5 (fp32). Also: K = 1 equals SFT, the SFT warm-up switches at step W, and
+(at TP=2+PP=2 and CP=2) the old log-probs of batches 2..K of every window equal a fresh
+forward of the window-start weights through an independent copy of the model.
 """
 
 from __future__ import annotations
@@ -45,10 +47,45 @@ VARIANTS = {
 }
 
 
-def run(overrides, workdir, name):
+class CheckingTrainer(Trainer):
+    """Checks every window's old log-probs against a fresh forward of the window-start weights
+    through an independent copy of the model (eval mode, same layout)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.old_logprob_max_diff = 0.0
+        self.old_logprob_batches_checked = 0
+
+    def _attach_old_logprobs(self, window):
+        from psft_megatron.ops import vocab_parallel_logprobs
+        from psft_megatron.training.forward import forward_only, model_forward
+
+        super()._attach_old_logprobs(window)
+        fresh = self._build_frozen_copy()  # copies the current = window-start weights
+
+        def forward_step(data_iterator, model):
+            # The result is compared inside the loss closure with the very micro-batch that was
+            # fed forward: independent of how the trainer matches results to micro-batches.
+            micro = next(data_iterator)
+
+            def compare(output):
+                logp = vocab_parallel_logprobs(output, micro["labels"])
+                diff = (micro["old_logprobs"] - logp).abs().max().item()
+                self.old_logprob_max_diff = max(self.old_logprob_max_diff, diff)
+                self.old_logprob_batches_checked += 1
+                zero = torch.zeros(())
+                return zero, torch.zeros((), dtype=torch.int), {}
+
+            return model_forward(model, micro), compare
+
+        for micros in window[1:]:
+            forward_only(fresh, micros, forward_step, seq_length=self._seq_length(micros))
+
+
+def run(overrides, workdir, name, cls=Trainer):
     cfg, resolved = load_run_config(os.path.join(REPO, "configs"), "tiny_cpu",
                                     BASE + [f"exp_manager.explicit_log_dir={os.path.join(workdir, name)}"] + overrides)
-    trainer = Trainer(cfg, resolved)
+    trainer = cls(cfg, resolved)
     trainer.setup()
     trainer.train()
     trainer.close()
@@ -75,8 +112,13 @@ def main() -> None:
     results = {}
     for name, overrides in list(LAYOUTS.items()) + [(n, LAYOUTS["tp2_sp"] + o) for n, o in VARIANTS.items()]:
         try:
-            trainer = run(restore + overrides, workdir, name)
+            checking = name in ("tp2_pp2", "cp2")
+            trainer = run(restore + overrides, workdir, name, CheckingTrainer if checking else Trainer)
             results[name] = {"history": trainer.history}
+            if checking:
+                stats = torch.tensor([trainer.old_logprob_max_diff, trainer.old_logprob_batches_checked])
+                torch.distributed.all_reduce(stats, op=torch.distributed.ReduceOp.MAX)
+                results[name]["old_logprob_check"] = {"max_diff": stats[0].item(), "batches": int(stats[1])}
         except Exception as exc:  # reported per run by the test
             import traceback
 
