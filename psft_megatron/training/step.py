@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Optional
+import math
+from typing import Callable, List, Optional, Tuple
 
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -16,8 +17,9 @@ class StepResult:
         metrics: per-micro-batch metric dicts from the loss function (last pipeline stage
             only; empty elsewhere).
         grad_norm: global gradient norm before clipping (None if not computed).
-        update_successful: False if the optimizer skipped the step (inf/nan grads).
-        num_zeros_in_grad: as reported by megatron's optimizer (None unless enabled).
+        update_successful: False if the update was skipped (non-finite grad norm, or an fp16
+            loss-scale overflow); the weights, optimizer state and lr schedule are unchanged.
+        num_zeros_in_grad: not computed (None).
     """
 
     metrics: List[dict]
@@ -63,12 +65,28 @@ def train_step(
         micro_batch_size=micro_batch_size,
         forward_only=False,
     )
-    update_successful, grad_norm, num_zeros = optimizer.step()
+    update_successful, grad_norm = _guarded_optimizer_step(optimizer)
     if update_successful and scheduler is not None:
         scheduler.step(increment=1)
     return StepResult(
         metrics=list(metrics or []),
-        grad_norm=None if grad_norm is None else float(grad_norm),
-        update_successful=bool(update_successful),
-        num_zeros_in_grad=num_zeros,
+        grad_norm=grad_norm,
+        update_successful=update_successful,
+        num_zeros_in_grad=None,
     )
+
+
+def _guarded_optimizer_step(optimizer) -> Tuple[bool, Optional[float]]:
+    """megatron's ``optimizer.step()`` in its own public pieces, skipping the update when the
+    global gradient norm is not finite (megatron's optimizer only skips on a grad-scaler
+    overflow, i.e. with fp16; a NaN in fp32/bf16 would otherwise reach the weights).
+
+    Returns (update applied, grad norm before clipping or None if an fp16 overflow was found).
+    """
+    if optimizer.prepare_grads():  # fp16 loss-scale overflow: megatron's own skip
+        return False, None
+    clip = optimizer.config.clip_grad
+    grad_norm = float(optimizer.clip_grad_norm(clip) if clip > 0.0 else optimizer.get_grad_norm())
+    if not math.isfinite(grad_norm):
+        return False, grad_norm
+    return bool(optimizer.step_with_ready_grads()), grad_norm
