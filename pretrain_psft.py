@@ -36,7 +36,11 @@ def main(argv=None) -> int:
     trainer.setup()
     try:
         trainer.train()
-        path = trainer.save() if cfg.exp_manager.checkpoint_callback_params.save_last else None
+        if trainer.preempted:
+            return 0
+        latest = trainer.checkpoints.latest()
+        saved_here = latest is not None and latest.endswith(f"iter_{trainer.step:07d}")
+        path = trainer.save() if cfg.exp_manager.checkpoint_callback_params.save_last and not saved_here else latest
         if trainer.is_rank0:
             print(f"done: {trainer.step} steps; logs in {trainer.log_dir}"
                   + (f"; checkpoint {path}" if path else ""), flush=True)

@@ -36,7 +36,20 @@ def unwrap(module):
     return module
 
 
-def _sharded_state_dict(chunks, optimizer, is_loading: bool, common: Optional[Dict[str, Any]]) -> dict:
+PER_RANK_KEY = "per_rank_state"
+
+
+def _per_rank_object(data: Any):
+    """A ShardedObject holding ``data`` for this global rank (loadable at the same world size)."""
+    import torch
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return ShardedObject(PER_RANK_KEY, data, (world,), (rank,), replica_id=0)
+
+
+def _sharded_state_dict(chunks, optimizer, is_loading: bool, common: Optional[Dict[str, Any]],
+                        per_rank: Any = None) -> dict:
     state: Dict[str, Any] = {
         _model_key(i, len(chunks)): unwrap(chunk).sharded_state_dict() for i, chunk in enumerate(chunks)
     }
@@ -45,29 +58,46 @@ def _sharded_state_dict(chunks, optimizer, is_loading: bool, common: Optional[Di
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading, metadata=metadata)
     if common:
         state.update(common)
+    if per_rank is not None:
+        state[PER_RANK_KEY] = _per_rank_object(per_rank)
     return state
 
 
-def save_checkpoint(ckpt_dir: str, chunks: List, optimizer=None, common: Optional[Dict[str, Any]] = None) -> None:
+def save_checkpoint(ckpt_dir: str, chunks: List, optimizer=None, common: Optional[Dict[str, Any]] = None,
+                    per_rank: Any = None) -> None:
     """Save model chunks (and optimizer state) to ``ckpt_dir`` (collective: call on every rank).
 
     Args:
         ckpt_dir: directory; created if missing, must be empty.
         chunks: this rank's model chunks (GPTModel or megatron DDP wrappers).
         optimizer: megatron optimizer, or None for weights only.
-        common: small picklable values stored once (e.g. ``{"iteration": 10}``).
+        common: small picklable values stored once (e.g. ``{"iteration": 10}``); identical on
+            every rank.
+        per_rank: a picklable value of this rank (RNG states, ...), loadable only at the same
+            world size (``load_checkpoint(..., per_rank=True)``).
     """
     from megatron.core import dist_checkpointing
 
     os.makedirs(ckpt_dir, exist_ok=True)
-    dist_checkpointing.save(_sharded_state_dict(chunks, optimizer, False, common), ckpt_dir)
+    dist_checkpointing.save(_sharded_state_dict(chunks, optimizer, False, common, per_rank), ckpt_dir)
 
 
-def load_checkpoint(ckpt_dir: str, chunks: List, optimizer=None, strict: bool = True) -> Dict[str, Any]:
+def load_common(ckpt_dir: str) -> Dict[str, Any]:
+    """The ``common`` values of a checkpoint, without loading tensors."""
+    from megatron.core import dist_checkpointing
+
+    if not dist_checkpointing.check_is_distributed_checkpoint(ckpt_dir):
+        raise FileNotFoundError(f"{ckpt_dir}: not a megatron distributed checkpoint (no metadata.json)")
+    return dist_checkpointing.load_common_state_dict(ckpt_dir)
+
+
+def load_checkpoint(ckpt_dir: str, chunks: List, optimizer=None, strict: bool = True,
+                    per_rank: bool = False) -> Dict[str, Any]:
     """Load what :func:`save_checkpoint` wrote into ``chunks`` (and ``optimizer``), at any layout.
 
     Returns:
-        the loaded state dict's non-model, non-optimizer entries (the ``common`` values).
+        the loaded state dict's non-model, non-optimizer entries (the ``common`` values, and
+        this rank's ``per_rank_state`` if ``per_rank``).
     Raises:
         FileNotFoundError: naming ``ckpt_dir`` if it holds no megatron distributed checkpoint.
     """
@@ -75,7 +105,8 @@ def load_checkpoint(ckpt_dir: str, chunks: List, optimizer=None, strict: bool = 
 
     if not dist_checkpointing.check_is_distributed_checkpoint(ckpt_dir):
         raise FileNotFoundError(f"{ckpt_dir}: not a megatron distributed checkpoint (no metadata.json)")
-    state = dist_checkpointing.load(_sharded_state_dict(chunks, optimizer, True, None), ckpt_dir)
+    state = dist_checkpointing.load(
+        _sharded_state_dict(chunks, optimizer, True, None, per_rank=0 if per_rank else None), ckpt_dir)
     for i, chunk in enumerate(chunks):
         unwrap(chunk).load_state_dict(state.pop(_model_key(i, len(chunks))), strict=strict)
     if optimizer is not None:

@@ -37,6 +37,7 @@ class TrainerSection:
     log_every_n_steps: int = 1
     precision: Any = "32"  # 32 | bf16 | bf16-mixed | 16 | 16-mixed
     gradient_clip_val: float = 1.0
+    max_consecutive_skipped_steps: int = 10  # stop after this many non-finite steps in a row (0: never)
     progress_bar: bool = True
 
 

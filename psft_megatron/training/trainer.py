@@ -15,19 +15,87 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import random
+import signal
 import time
 from typing import Dict, Iterator, List, Optional
 
+import numpy as np
 import torch
 
 from psft_megatron.config.loader import check_layout
 from psft_megatron.config.schema import PRECISIONS, SCHEDULES, RunConfig
+from psft_megatron.training.checkpoints import CheckpointManager
 
 logger = logging.getLogger(__name__)
 
 #: metrics shared from the last pipeline stage to rank 0 each step (fixed order)
 STEP_KEYS = ("loss", "nll", "entropy", "clip_frac", "ratio_mean", "ratio_max", "approx_kl", "kl", "num_tokens")
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient norm."""
+
+
+class StopSignals:
+    """SIGTERM / SIGUSR1 (SLURM preemption): the first asks the trainer to finish the current
+    step, save and exit 0; a second one exits at once (exit code 128 + signal number)."""
+
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self):
+        self.name: Optional[str] = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.name is not None:
+            os._exit(128 + signum)
+        self.name = signal.Signals(signum).name
+
+    def __enter__(self) -> "StopSignals":
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                if hasattr(signal, name):
+                    sig = getattr(signal, name)
+                    self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def agreed(self) -> bool:
+        """True on every rank if any rank got a signal (one all-reduce per step)."""
+        flag = torch.tensor([1.0 if self.name else 0.0])
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if flag.item() and self.name is None:
+            self.name = "a signal on another rank"
+        return bool(flag.item())
+
+
+def _rng_states() -> dict:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+              "tracker": get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def _set_rng_states(states: dict) -> None:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    get_cuda_rng_tracker().set_states(states["tracker"])
+    if torch.cuda.is_available() and "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"])
 
 
 def log_dir_of(cfg: RunConfig) -> str:
@@ -44,6 +112,12 @@ class Trainer:
         self.log_dir = log_dir_of(cfg)
         self.step = 0
         self.history: List[Dict[str, float]] = []  # one record per optimizer step (all ranks)
+        self.pending: List = []  # the open old-policy window: (micro-batches, sampler state after) per step
+        self.window_mode = "psft"
+        self.sampler_state: Optional[dict] = None
+        self.consecutive_skips = 0
+        self.skipped_steps = 0
+        self.preempted = False
 
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:
@@ -120,11 +194,18 @@ class Trainer:
         needs_frozen = psft.loss == "sft_kl" or (psft.loss == "psft" and psft.freeze_old_policy)
         self.frozen = self._build_frozen_copy() if needs_frozen else None
         self.dp_cp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+        self.sampler = self._sampler(self.train_set, shuffle=train_cfg.shuffle, global_batch_size=m.global_batch_size)
+        self.sampler_state = self.sampler.state_dict()
+        self.checkpoints = CheckpointManager(os.path.join(self.log_dir, "checkpoints"),
+                                             keep_last=cfg.exp_manager.checkpoint_callback_params.save_top_k)
+        latest = self.checkpoints.latest() if cfg.exp_manager.resume_if_exists else None
+        if latest:
+            self._resume(latest)
         self.metrics_log = MetricsLogger(
             self.log_dir, cfg.trainer.max_steps, enabled=self.is_rank0,
             tensorboard=cfg.exp_manager.create_tensorboard_logger,
             wandb_kwargs=(cfg.exp_manager.wandb_logger_kwargs if cfg.exp_manager.create_wandb_logger else None),
-            progress=cfg.trainer.progress_bar)
+            progress=cfg.trainer.progress_bar, resume=bool(latest))
         if self.is_rank0:
             os.makedirs(self.log_dir, exist_ok=True)
             with open(os.path.join(self.log_dir, "config_resolved.json"), "w") as f:
@@ -152,11 +233,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ data
     def _micro_batches(self, dataset, sampler) -> Iterator[List[Dict[str, object]]]:
-        """Per optimizer step: this rank's micro-batches, collated and CP-sliced."""
+        """Per optimizer step: (this rank's micro-batches, collated and CP-sliced; the sampler
+        state after this batch)."""
         from psft_megatron.training.forward import slice_for_context_parallel
 
         for step_items in sampler:
-            yield [slice_for_context_parallel(dataset.collate(items, pad_to=self.pad_to)) for items in step_items]
+            state = sampler.state_dict()  # the position after this batch (for resume)
+            yield [slice_for_context_parallel(dataset.collate(items, pad_to=self.pad_to)) for items in step_items], state
 
     def _sampler(self, dataset, shuffle: bool, global_batch_size: int):
         from megatron.core import parallel_state
@@ -178,60 +261,110 @@ class Trainer:
 
         from psft_megatron.losses import reduce_loss_metrics
 
-        values = torch.zeros(len(keys) + 1, dtype=torch.float64)
+        values = torch.zeros(len(keys), dtype=torch.float64)
+        present = torch.zeros(len(keys), dtype=torch.float64)
         if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
             reduced = reduce_loss_metrics(metrics, group=self.dp_cp_group)
             if parallel_state.get_tensor_model_parallel_rank() == 0 and torch.distributed.get_rank(self.dp_cp_group) == 0:
-                values[:-1] = torch.tensor([reduced.get(k, float("nan")) for k in keys], dtype=torch.float64)
-                values[-1] = 1.0
-        torch.distributed.all_reduce(values)
-        return {k: v for k, v in zip(keys, values[:-1].tolist()) if v == v}  # drop NaN = absent
+                for i, key in enumerate(keys):
+                    if key in reduced:
+                        values[i], present[i] = reduced[key], 1.0
+        both = torch.cat([values, present])  # one rank contributes; NaN/Inf values pass through
+        torch.distributed.all_reduce(both)
+        return {k: v for k, v, p in zip(keys, both[: len(keys)].tolist(), both[len(keys):].tolist()) if p}
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> Dict[str, float]:
+        """Train to ``trainer.max_steps`` (or until SIGTERM/SIGUSR1: then save and return).
+
+        Returns the last step's metrics. Sets ``self.preempted`` when stopped by a signal.
+        """
         from psft_megatron.training.forward import attach_logprobs, make_train_forward_step
         from psft_megatron.training.step import train_step
 
         cfg, psft = self.cfg, self.cfg.model.psft
-        sampler = self._sampler(self.train_set, shuffle=self.train_set.cfg.shuffle,
-                                global_batch_size=cfg.model.global_batch_size)
-        batches = self._micro_batches(self.train_set, sampler)
-        train_psft = make_train_forward_step(self.loss)
-        train_sft = make_train_forward_step(self.sft_loss)
+        forward_steps = {"psft": make_train_forward_step(self.loss), "sft": make_train_forward_step(self.sft_loss)}
+        batches = self._micro_batches(self.train_set, self.sampler)
         last: Dict[str, float] = {}
         max_steps = cfg.trainer.max_steps
-        while self.step < max_steps:
-            in_warmup = psft.loss == "psft" and self.step < psft.warmup_sft_steps
-            k = psft.old_policy_interval if psft.loss == "psft" and not in_warmup else 1
-            window_end = min(self.step + k, max_steps, psft.warmup_sft_steps if in_warmup else max_steps)
-            window = [next(batches) for _ in range(window_end - self.step)]
-            if psft.loss == "psft" and not in_warmup:
-                self._attach_old_logprobs(window)
-            for micros in window:
+        self.preempted = False
+        with StopSignals() as signals:
+            while self.step < max_steps:
+                if not self.pending:
+                    self._start_window(batches)
+                micros, sampler_state = self.pending.pop(0)
                 if psft.loss == "sft_kl":
-                    attach_logprobs(self.frozen, micros, self.loss, "ref_logprobs",
-                                    seq_length=self._seq_length(micros))
+                    attach_logprobs(self.frozen, micros, self.loss, "ref_logprobs", seq_length=self._seq_length(micros))
                 start = time.time()
-                result = train_step(train_sft if in_warmup else train_psft, [iter(micros) for _ in self.tm.chunks],
+                result = train_step(forward_steps[self.window_mode], [iter(micros) for _ in self.tm.chunks],
                                     self.tm.chunks, self.tm.optimizer, self.tm.scheduler,
                                     num_microbatches=len(micros), seq_length=self._seq_length(micros),
                                     micro_batch_size=int(micros[0]["tokens"].shape[0]))
                 elapsed = time.time() - start
                 self.step += 1
+                self.sampler_state = sampler_state
                 last = self._share(result.metrics)
                 last.update(lr=self.tm.optimizer.param_groups[0]["lr"], step_time_s=elapsed,
-                            phase=0.0 if in_warmup else 1.0)
+                            phase=0.0 if self.window_mode == "sft" else 1.0,
+                            tokens_per_s=last.get("num_tokens", 0.0) / max(elapsed, 1e-9))
                 if result.grad_norm is not None:
                     last["grad_norm"] = result.grad_norm
-                if not result.update_successful:
-                    last["skipped"] = 1.0
-                last["tokens_per_s"] = last.get("num_tokens", 0.0) / max(elapsed, 1e-9)
+                fault = self._count_skip(result, last)
                 self.history.append(dict(last, step=self.step))
-                if self.step % cfg.trainer.log_every_n_steps == 0 or self.step == max_steps:
+                if self.step % cfg.trainer.log_every_n_steps == 0 or self.step == max_steps or fault:
                     self.metrics_log.log(self.step, last)
+                if fault:
+                    raise NonFiniteTrainingError(fault)
                 if cfg.trainer.val_check_interval and self.step % cfg.trainer.val_check_interval == 0:
                     self.validate()
+                every = cfg.exp_manager.checkpoint_callback_params.every_n_train_steps
+                if every and self.step % every == 0 and self.step < max_steps:
+                    self.save()
+                if signals.agreed():
+                    path = self.save()
+                    self.preempted = True
+                    if self.is_rank0:
+                        print(f"stopped by {signals.name} after step {self.step}: saved {path}; "
+                              "rerun the same command to resume", flush=True)
+                    break
         return last
+
+    def _start_window(self, batches) -> None:
+        """Read the next window of global batches and give them their pi_old log-probs."""
+        psft = self.cfg.model.psft
+        in_warmup = psft.loss == "psft" and self.step < psft.warmup_sft_steps
+        if psft.loss == "psft" and not in_warmup:
+            # Windows sit on a fixed grid W + j*K, whatever max_steps is: a run extended after
+            # it ended (or resumed) continues its open window exactly. A window may therefore
+            # reach past max_steps; its unused batches are kept for a resume.
+            k = psft.old_policy_interval
+            end = self.step + k - (self.step - psft.warmup_sft_steps) % k
+        else:
+            end = self.step + 1
+        self.window_mode = "sft" if in_warmup else "psft"
+        self.pending = [next(batches) for _ in range(end - self.step)]
+        if psft.loss == "psft" and not in_warmup:
+            self._attach_old_logprobs([micros for micros, _ in self.pending])
+
+    def _count_skip(self, result, metrics: Dict[str, float]) -> Optional[str]:
+        """Count skipped updates; after ``trainer.max_consecutive_skipped_steps`` in a row return
+        the message to stop with (naming the step, the metric and the last good checkpoint)."""
+        if result.update_successful:
+            self.consecutive_skips = 0
+            return None
+        self.consecutive_skips += 1
+        self.skipped_steps += 1
+        metrics["skipped_steps"] = float(self.skipped_steps)
+        bad = [k for k in ("loss", "grad_norm") if k in metrics and not math.isfinite(metrics[k])] or ["grad_norm"]
+        if self.is_rank0:
+            print(f"WARNING: step {self.step}: non-finite {' and '.join(bad)}; update skipped "
+                  f"({self.consecutive_skips} in a row, {self.skipped_steps} in total)", flush=True)
+        limit = self.cfg.trainer.max_consecutive_skipped_steps
+        if limit and self.consecutive_skips >= limit:
+            return (f"stopping at step {self.step}: {self.consecutive_skips} consecutive steps with a non-finite "
+                    f"{' and '.join(bad)} (trainer.max_consecutive_skipped_steps={limit}); last good checkpoint: "
+                    f"{self.checkpoints.latest() or '(none)'}")
+        return None
 
     def _attach_old_logprobs(self, window: List[List[Dict[str, object]]]) -> None:
         """pi_old log-probs for a window of global batches (see the module docstring)."""
@@ -254,7 +387,7 @@ class Trainer:
         sampler = self._sampler(self.val_set, shuffle=False, global_batch_size=self.cfg.model.global_batch_size)
         forward_step = make_train_forward_step(self.sft_loss)
         collected: List[dict] = []
-        for i, micros in enumerate(self._micro_batches(self.val_set, sampler)):
+        for i, (micros, _) in enumerate(self._micro_batches(self.val_set, sampler)):
             if i >= self.cfg.trainer.limit_val_batches:
                 break
             collected += forward_only(self.tm.chunks, micros, forward_step, seq_length=self._seq_length(micros))
@@ -263,16 +396,65 @@ class Trainer:
         return metrics
 
     def save(self) -> str:
-        """Save model, optimizer, scheduler and counters under ``<log dir>/checkpoints``."""
-        from psft_megatron.checkpointing import save_checkpoint
+        """Atomic checkpoint of everything a resume needs (see docs/long_jobs.md)."""
+        from psft_megatron.checkpointing import save_checkpoint, uses_distributed_optimizer
 
-        path = os.path.join(self.log_dir, "checkpoints", f"iter_{self.step:07d}")
-        save_checkpoint(path, self.tm.chunks, self.tm.optimizer,
-                        common={"iteration": self.step, "scheduler": self.tm.scheduler.state_dict()})
+        common = {
+            "iteration": self.step,
+            "scheduler": self.tm.scheduler.state_dict(),
+            "sampler": self.sampler_state,
+            "skipped_steps": self.skipped_steps,
+            "window": {"mode": self.window_mode, "remaining": len(self.pending)},
+            "layout": {"world_size": self.info.world_size, "parallel": self.parallel.describe()},
+            "distributed_optimizer": uses_distributed_optimizer(self.tm.optimizer),
+            "config": json.dumps(self.resolved, sort_keys=True),
+        }
+        per_rank = {"rng": _rng_states(),
+                    "pending_old_logprobs": [[m.get("old_logprobs") for m in micros] for micros, _ in self.pending]}
+
+        def write(path: str) -> None:
+            save_checkpoint(path, self.tm.chunks, self.tm.optimizer, common=common, per_rank=per_rank)
+
+        return self.checkpoints.save(self.step, write)
+
+    def _resume(self, path: str) -> None:
+        """Load a checkpoint written by :meth:`save`: weights, optimizer, schedule, counters,
+        data position, RNG and (same layout only) the open old-policy window."""
+        from psft_megatron.checkpointing import load_checkpoint, load_common, uses_distributed_optimizer
+
+        common = load_common(path)
+        mine = uses_distributed_optimizer(self.tm.optimizer)
+        if common.get("distributed_optimizer", mine) != mine:
+            raise ValueError(f"{path} was saved with model.optim.use_distributed_optimizer="
+                             f"{str(common['distributed_optimizer']).lower()}; this run has {str(mine).lower()}: "
+                             "the optimizer state formats differ. Set the same value to resume, or start from the "
+                             "weights only with model.restore_from_path and exp_manager.resume_if_exists=false")
+        layout = {"world_size": self.info.world_size, "parallel": self.parallel.describe()}
+        same_layout = common.get("layout") == layout
+        state = load_checkpoint(path, self.tm.chunks, self.tm.optimizer, per_rank=same_layout)
+        self.step = int(common["iteration"])
+        self.tm.scheduler.load_state_dict(common["scheduler"])
+        self.sampler.load_state_dict(common["sampler"])
+        self.sampler_state = common["sampler"]
+        self.skipped_steps = int(common.get("skipped_steps", 0))
+        window = common.get("window", {"remaining": 0})
+        per_rank = state.get("per_rank_state") if same_layout else None
+        if per_rank is not None:
+            _set_rng_states(per_rank["rng"])
+        if window["remaining"]:
+            if per_rank is not None:  # same layout: finish the window with its saved pi_old log-probs
+                batches = self._micro_batches(self.train_set, self.sampler)
+                self.window_mode = window["mode"]
+                self.pending = [next(batches) for _ in range(window["remaining"])]
+                for (micros, _), saved in zip(self.pending, per_rank["pending_old_logprobs"]):
+                    for micro, old in zip(micros, saved):
+                        if old is not None:
+                            micro["old_logprobs"] = old
+            elif self.is_rank0:
+                print(f"note: {path} was saved inside an old-policy window at another layout "
+                      f"({common.get('layout')}); pi_old is re-synced at step {self.step + 1}", flush=True)
         if self.is_rank0:
-            with open(os.path.join(self.log_dir, "checkpoints", "latest"), "w") as f:
-                f.write(os.path.basename(path) + "\n")
-        return path
+            print(f"resumed from {path} at step {self.step}", flush=True)
 
     def close(self) -> None:
         self.metrics_log.close()
