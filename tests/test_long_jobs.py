@@ -9,7 +9,6 @@ import sys
 import time
 
 import psutil
-import pytest
 
 from tests.parallel.launch import REPO, torchrun
 
