@@ -1,0 +1,15 @@
+"""Hugging Face <-> Megatron checkpoint converters (Llama-3.x, Qwen2/2.5, Qwen3).
+
+- :func:`convert_hf_to_megatron`: HF directory -> megatron torch_dist checkpoint + model YAML.
+- :func:`convert_megatron_to_hf`: checkpoint saved at any layout -> HF directory.
+
+Modules: ``hf_config`` (config.json <-> ModelConfig, validation), ``mapping`` (tensor names
+and layouts, both directions), ``hf_io`` (streaming safetensors), ``megatron_io`` (streaming
+dist-checkpoint write/read), ``verify`` (logits comparison). See docs/convert.md.
+"""
+
+from psft_megatron.convert.errors import ConversionError
+from psft_megatron.convert.hf_to_megatron import convert_hf_to_megatron
+from psft_megatron.convert.megatron_to_hf import convert_megatron_to_hf
+
+__all__ = ["ConversionError", "convert_hf_to_megatron", "convert_megatron_to_hf"]

@@ -1,0 +1,203 @@
+"""HF ``config.json`` <-> :class:`~psft_megatron.model.config.ModelConfig`, with validation.
+
+Supported: ``LlamaForCausalLM`` (Llama-3.x, incl. ``llama3`` RoPE scaling with megatron-core's
+fixed low/high frequency factors 1/4 and original length 8192), ``Qwen2ForCausalLM``
+(Qwen2/2.5: QKV bias, tied or untied embeddings) and ``Qwen3ForCausalLM`` (QK RMSNorm,
+head_dim != hidden / heads). Anything else raises :class:`ConversionError` naming the
+architecture or feature and what is supported. Both the transformers 4 (``rope_theta`` /
+``rope_scaling``) and 5 (``rope_parameters``) spellings of RoPE are read.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any, Dict, Optional, Tuple
+
+from psft_megatron.convert.errors import ConversionError
+from psft_megatron.model.config import LLAMA3_ROPE_FIXED, ModelConfig
+
+#: HF architecture -> model_type.
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
+_BY_MODEL_TYPE = {v: k for k, v in SUPPORTED_ARCHITECTURES.items()}
+_DTYPE_NAMES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32",
+                "fp16": "float16", "float16": "float16"}
+
+
+def _supported() -> str:
+    return ", ".join(SUPPORTED_ARCHITECTURES)
+
+
+def architecture_of(hf: Dict[str, Any]) -> str:
+    """The single supported architecture named by ``hf`` (``architectures`` or ``model_type``)."""
+    archs = hf.get("architectures") or []
+    if len(archs) > 1:
+        raise ConversionError(f"config.json lists several architectures {archs}; supported: {_supported()}")
+    if archs:
+        if archs[0] not in SUPPORTED_ARCHITECTURES:
+            raise ConversionError(
+                f"architecture {archs[0]!r} is not supported; supported: {_supported()}"
+            )
+        return archs[0]
+    model_type = hf.get("model_type")
+    if model_type in _BY_MODEL_TYPE:
+        return _BY_MODEL_TYPE[model_type]
+    raise ConversionError(f"model_type {model_type!r} (no 'architectures' in config.json) is not supported; "
+                          f"supported: {_supported()}")
+
+
+def rope_of(hf: Dict[str, Any]) -> Tuple[float, Optional[dict]]:
+    """(rope_theta, rope_scaling or None), validated against what megatron-core implements."""
+    params = dict(hf.get("rope_parameters") or {})
+    scaling = hf.get("rope_scaling")
+    if scaling:
+        params.update(scaling)
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    if theta != int(theta):
+        raise ConversionError(f"rope_theta={theta} is not an integer; megatron's GPTModel takes an integer rotary_base")
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind == "default":
+        return theta, None
+    if kind != "llama3":
+        raise ConversionError(
+            f"rope scaling type {kind!r} is not supported: megatron-core implements only 'llama3' "
+            "(and no scaling)"
+        )
+    if "factor" not in params:
+        raise ConversionError("rope scaling 'llama3' without a 'factor'")
+    out = {"rope_type": "llama3", "factor": float(params["factor"])}
+    for key, fixed in LLAMA3_ROPE_FIXED.items():
+        value = float(params.get(key, fixed))
+        if value != fixed:
+            raise ConversionError(
+                f"rope scaling llama3 with {key}={params.get(key)} is not supported: megatron-core's "
+                f"RotaryEmbedding hard-codes {key}={fixed:g}"
+            )
+        out[key] = fixed if key != "original_max_position_embeddings" else int(fixed)
+    return theta, out
+
+
+def model_config_from_hf(
+    hf: Dict[str, Any], *, dtype: str = "float32", make_vocab_size_divisible_by: int = 128
+) -> Tuple[ModelConfig, str]:
+    """(ModelConfig, architecture) for an HF config.json dict.
+
+    Raises:
+        ConversionError: unsupported architecture, activation, RoPE type or feature (named).
+    """
+    arch = architecture_of(hf)
+    if dtype not in _DTYPE_NAMES:
+        raise ConversionError(f"dtype {dtype!r} is not one of bf16, fp32, fp16")
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        raise ConversionError(f"{arch} with hidden_act={act!r} is not supported (only silu / SwiGLU)")
+    if hf.get("mlp_bias"):
+        raise ConversionError(f"{arch} with mlp_bias=true is not supported (megatron: add_bias_linear=False)")
+    if arch in ("LlamaForCausalLM", "Qwen3ForCausalLM") and hf.get("attention_bias"):
+        raise ConversionError(
+            f"{arch} with attention_bias=true is not supported (it also adds an o_proj bias; "
+            "only Qwen2-style q/k/v biases are)"
+        )
+    if hf.get("use_sliding_window"):
+        raise ConversionError(f"{arch} with use_sliding_window=true is not supported")
+    if hf.get("pretraining_tp", 1) not in (1, None):
+        raise ConversionError(f"{arch} with pretraining_tp={hf['pretraining_tp']} is not supported")
+    theta, scaling = rope_of(hf)
+    heads = int(hf["num_attention_heads"])
+    hidden = int(hf["hidden_size"])
+    head_dim = hf.get("head_dim")
+    cfg = ModelConfig(
+        num_layers=int(hf["num_hidden_layers"]),
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        ffn_hidden_size=int(hf["intermediate_size"]),
+        vocab_size=int(hf["vocab_size"]),
+        num_query_groups=int(hf.get("num_key_value_heads") or heads),
+        head_dim=int(head_dim) if head_dim else None,
+        max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+        rotary_base=theta,
+        rope_scaling=scaling,
+        norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
+        add_qkv_bias=arch == "Qwen2ForCausalLM",
+        qk_layernorm=arch == "Qwen3ForCausalLM",
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        make_vocab_size_divisible_by=make_vocab_size_divisible_by,
+        params_dtype=_DTYPE_NAMES[dtype],
+    )
+    if cfg.head_dim is not None and cfg.head_dim * heads == hidden:
+        cfg.head_dim = None  # the default; keeps the YAML minimal
+    return cfg, arch
+
+
+def architecture_for(cfg: ModelConfig) -> str:
+    """Best guess of the HF architecture of a ModelConfig (used without a template)."""
+    if cfg.qk_layernorm:
+        return "Qwen3ForCausalLM"
+    if cfg.add_qkv_bias:
+        return "Qwen2ForCausalLM"
+    return "LlamaForCausalLM"
+
+
+def hf_config_from_model(
+    cfg: ModelConfig, architecture: Optional[str] = None, template: Optional[Dict[str, Any]] = None
+) -> Dict[str, Any]:
+    """An HF config.json dict for ``cfg``: the template's, checked and updated, or a fresh one.
+
+    Raises:
+        ConversionError: the template's architecture differs from ``cfg`` (named fields).
+    """
+    if template is not None:
+        hf = copy.deepcopy(template)
+        arch = architecture_of(hf)
+        expect, _ = model_config_from_hf(hf, dtype=cfg.params_dtype,
+                                         make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by)
+        diffs = [f.name for f in dataclasses.fields(ModelConfig)
+                 if f.name not in ("params_dtype", "init_method_std", "make_vocab_size_divisible_by")
+                 and getattr(expect, f.name) != getattr(cfg, f.name)
+                 and not (f.name == "head_dim" and expect.kv_channels == cfg.kv_channels)]
+        if diffs:
+            raise ConversionError(
+                "the HF template's config.json does not match the checkpoint's model config: "
+                + ", ".join(f"{d}: template {getattr(expect, d)!r} vs checkpoint {getattr(cfg, d)!r}" for d in diffs)
+            )
+    else:
+        arch = architecture or architecture_for(cfg)
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ConversionError(f"architecture {arch!r} is not supported; supported: {_supported()}")
+        if arch == "Qwen2ForCausalLM" and (cfg.qk_layernorm or not cfg.add_qkv_bias):
+            raise ConversionError("Qwen2ForCausalLM needs add_qkv_bias=True and qk_layernorm=False")
+        if arch == "Qwen3ForCausalLM" and (cfg.add_qkv_bias or not cfg.qk_layernorm):
+            raise ConversionError("Qwen3ForCausalLM needs qk_layernorm=True and add_qkv_bias=False")
+        if arch == "LlamaForCausalLM" and (cfg.add_qkv_bias or cfg.qk_layernorm):
+            raise ConversionError("LlamaForCausalLM supports neither add_qkv_bias nor qk_layernorm")
+        rope = {"rope_type": "default", "rope_theta": float(cfg.rotary_base)}
+        if cfg.rope_scaling:
+            rope = dict(cfg.rope_scaling, rope_theta=float(cfg.rotary_base))
+        hf = {
+            "architectures": [arch],
+            "model_type": SUPPORTED_ARCHITECTURES[arch],
+            "hidden_act": "silu",
+            "hidden_size": cfg.hidden_size,
+            "intermediate_size": cfg.ffn_hidden_size,
+            "num_hidden_layers": cfg.num_layers,
+            "num_attention_heads": cfg.num_attention_heads,
+            "num_key_value_heads": cfg.num_query_groups or cfg.num_attention_heads,
+            "head_dim": cfg.kv_channels,
+            "max_position_embeddings": cfg.max_position_embeddings,
+            "rms_norm_eps": cfg.norm_epsilon,
+            "rope_parameters": rope,
+            "tie_word_embeddings": cfg.tie_word_embeddings,
+            "vocab_size": cfg.vocab_size,
+            "attention_dropout": 0.0,
+            "use_cache": True,
+        }
+        if arch == "LlamaForCausalLM":
+            hf.update(attention_bias=False, mlp_bias=False)
+    hf["architectures"] = [arch]
+    hf["dtype"] = cfg.params_dtype
+    hf.pop("torch_dtype", None)
+    return hf

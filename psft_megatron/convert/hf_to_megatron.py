@@ -1,0 +1,168 @@
+"""HF model directory -> megatron torch_dist checkpoint (+ model YAML, + HF side files), streaming.
+
+Output directory ``out``::
+
+    out/metadata.json, .metadata, __0_0.distcp, common.pt   the megatron checkpoint (model under "model")
+    out/model.yaml                                          {"model": ModelConfig fields}
+    out/hf_config/                                          config.json, generation_config.json, tokenizer
+                                                            files, conversion.json (for the export)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Dict, Optional
+
+import torch
+
+from psft_megatron.convert import hf_io, mapping
+from psft_megatron.convert.errors import ConversionError
+from psft_megatron.convert.hf_config import model_config_from_hf
+from psft_megatron.model.config import ModelConfig
+
+HF_CONFIG_DIR = "hf_config"
+MODEL_YAML = "model.yaml"
+CONVERSION_JSON = "conversion.json"
+_HF_DTYPES = {"bfloat16": "bfloat16", "float32": "float32", "float16": "float16"}
+
+
+def _default_dtype(hf: Dict[str, Any]) -> str:
+    name = str(hf.get("dtype") or hf.get("torch_dtype") or "float32").replace("torch.", "")
+    return _HF_DTYPES.get(name, "float32")
+
+
+def check_tensors(reader: hf_io.SafetensorsReader, cfg: ModelConfig) -> bool:
+    """Validate names and shapes before anything is written; returns whether ``lm_head.weight`` exists.
+
+    Raises:
+        ConversionError: a missing tensor (name + file), a shape mismatch (name, file, shapes),
+            or tensors of features the converter does not support (names).
+    """
+    expected = mapping.hf_shapes(cfg)
+    present = set(reader.names())
+    for name in expected:
+        if name not in present:
+            raise ConversionError(
+                f"tensor {name!r} is missing from {os.path.join(reader.dir, reader.source)}"
+            )
+    shapes = reader.shapes()
+    for name, shape in expected.items():
+        if tuple(shapes[name]) != tuple(shape):
+            raise ConversionError(
+                f"tensor {name!r} in {os.path.join(reader.dir, reader.file_of(name))} has shape "
+                f"{list(shapes[name])}, config.json implies {list(shape)}"
+            )
+    has_lm_head = mapping.HF_LM_HEAD in present
+    if has_lm_head and tuple(shapes[mapping.HF_LM_HEAD]) != (cfg.vocab_size, cfg.hidden_size):
+        raise ConversionError(f"tensor 'lm_head.weight' has shape {list(shapes[mapping.HF_LM_HEAD])}, "
+                              f"config.json implies {[cfg.vocab_size, cfg.hidden_size]}")
+    extra = sorted(n for n in present - set(expected) - {mapping.HF_LM_HEAD}
+                   if not n.endswith(mapping.IGNORED_HF_SUFFIXES))
+    if extra:
+        raise ConversionError(
+            f"{reader.dir}: tensors not covered by the converter (unsupported feature?): "
+            + ", ".join(extra[:8]) + (f" and {len(extra) - 8} more" if len(extra) > 8 else "")
+        )
+    return has_lm_head
+
+
+def write_model_yaml(cfg: ModelConfig, path: str, hf_dir: Optional[str] = None) -> None:
+    """``{"model": dataclasses.asdict(cfg)}`` as YAML (loadable by ``ModelConfig.from_dict``)."""
+    import yaml
+
+    header = "# Model section written by tools/convert_hf_to_megatron.py"
+    if hf_dir:
+        tokenizer = os.path.join(os.path.dirname(os.path.abspath(path)), HF_CONFIG_DIR)
+        header += f" from {hf_dir}.\n# Tokenizer for training: model.tokenizer.model: {tokenizer}"
+    with open(path, "w") as f:
+        f.write(header + "\n")
+        yaml.safe_dump({"model": dataclasses.asdict(cfg)}, f, sort_keys=False)
+
+
+def read_model_yaml(path: str) -> ModelConfig:
+    """ModelConfig from a YAML file with a top-level ``model:`` section.
+
+    Keys of ``model:`` that are not ModelConfig fields (``tokenizer``, ``data``, the parallel
+    layout, ... of a training config) are ignored; NeMo spellings of the architecture keys
+    (``layernorm_epsilon``, ``kv_channels``, ...) are accepted as the trainer accepts them.
+    """
+    import yaml
+
+    try:
+        from psft_megatron.config.schema import MODEL_KEY_ALIASES
+    except ImportError:  # the training config package is optional here
+        MODEL_KEY_ALIASES = {}
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data.get("model"), dict):
+        raise ConversionError(f"{path}: no top-level 'model:' section")
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    values = {}
+    for key, value in data["model"].items():
+        name = MODEL_KEY_ALIASES.get(key, key)
+        if name in fields:
+            values[name] = value
+    return ModelConfig.from_dict(values)
+
+
+def convert_hf_to_megatron(
+    hf_dir: str,
+    out_dir: str,
+    *,
+    dtype: Optional[str] = None,
+    make_vocab_size_divisible_by: int = 128,
+    verify: bool = False,
+    log=print,
+) -> Dict[str, Any]:
+    """Convert ``hf_dir`` into a megatron checkpoint in ``out_dir`` (see the module doc).
+
+    Args:
+        dtype: "bf16" | "fp32" | "fp16" (or the long names); default the HF config's dtype.
+        make_vocab_size_divisible_by: vocab padding multiple (times TP), stored in the YAML.
+            The checkpoint holds the TP=1 padding; megatron loads the embedding / output layer
+            with ``allow_shape_mismatch`` (zero rows past the stored ones), so it loads at any TP.
+        verify: run :func:`psft_megatron.convert.verify.verify` afterwards.
+    Returns:
+        summary: architecture, model config, seconds, padded vocab, TP sizes it loads at, verify numbers.
+    """
+    start = time.time()
+    hf = hf_io.read_config(hf_dir)
+    cfg, arch = model_config_from_hf(hf, dtype=dtype or _default_dtype(hf),
+                                     make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+    reader = hf_io.SafetensorsReader(hf_dir)
+    has_lm_head = check_tensors(reader, cfg)
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise ConversionError(f"{out_dir}: output directory is not empty")
+
+    from psft_megatron.convert import megatron_io
+
+    rules = {rule.megatron: rule for rule in mapping.all_rules(cfg)}
+    dtype_t = cfg.torch_dtype
+
+    def tensor_fn(name: str) -> torch.Tensor:
+        return mapping.hf_to_megatron(rules[name], reader.get, cfg).to(dtype_t)
+
+    megatron_io.write_checkpoint(cfg, out_dir, tensor_fn)
+    write_model_yaml(cfg, os.path.join(out_dir, MODEL_YAML), hf_dir)
+    side = os.path.join(out_dir, HF_CONFIG_DIR)
+    copied = hf_io.copy_side_files(hf_dir, side, hf_io.TOKENIZER_FILES + (hf_io.GENERATION_CONFIG, "config.json"))
+    with open(os.path.join(side, CONVERSION_JSON), "w") as f:
+        json.dump({"architecture": arch, "source": os.path.abspath(hf_dir), "has_lm_head": has_lm_head,
+                   "hf_tensors": sorted(reader.names()), "side_files": copied}, f, indent=2)
+    p1 = cfg.padded_vocab_size(1)
+    summary = {
+        "architecture": arch, "out": out_dir, "params_dtype": cfg.params_dtype, "padded_vocab": p1,
+        "make_vocab_size_divisible_by": cfg.make_vocab_size_divisible_by,
+        "seconds": round(time.time() - start, 2),
+    }
+    log(f"{arch} -> {out_dir}: {cfg.num_layers} layers, vocab {cfg.vocab_size} padded to {p1} (at TP=1), "
+        f"{cfg.params_dtype}, {summary['seconds']} s")
+    if verify:
+        from psft_megatron.convert.verify import verify as run_verify
+
+        summary["verify"] = run_verify(cfg, hf_dir, out_dir)
+        log("verify: max |logit diff| {max_abs_diff:.3g}, argmax agreement {argmax_agreement:.4f}".format(**summary["verify"]))
+    return summary

@@ -1,0 +1,164 @@
+"""Converter validation and layout helpers, in-process (no megatron runtime needed).
+
+Unsupported architectures / RoPE types / features, missing tensors and shape mismatches must
+fail before anything is written, with messages naming the architecture, tensor and file.
+"""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from psft_megatron.convert import ConversionError, convert_hf_to_megatron, convert_megatron_to_hf, mapping
+from psft_megatron.convert.hf_config import hf_config_from_model, model_config_from_hf
+from psft_megatron.convert.hf_io import ShardedSafetensorsWriter
+
+LLAMA = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 32, "intermediate_size": 48,
+    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 100,
+    "rms_norm_eps": 1e-5, "hidden_act": "silu", "max_position_embeddings": 16384, "tie_word_embeddings": False,
+    "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+}
+
+
+def write_hf(tmp_path, config, drop=(), reshape=None, shards=1):
+    """A fake HF directory: config.json + random tensors of the right shapes (minus ``drop``)."""
+    cfg, _ = model_config_from_hf(config)
+    tensors = {n: torch.randn(s) for n, s in mapping.hf_shapes(cfg).items() if n not in drop}
+    if reshape:
+        tensors[reshape[0]] = torch.randn(reshape[1])
+    d = tmp_path / "hf"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(config))
+    if shards == 1:
+        save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        writer = ShardedSafetensorsWriter(str(d), max_shard_bytes=4096)
+        for n, t in tensors.items():
+            writer.add(n, t)
+        writer.close()
+    return str(d)
+
+
+def test_unsupported_architecture_is_named(tmp_path):
+    config = dict(LLAMA, architectures=["MistralForCausalLM"], model_type="mistral")
+    d = write_hf(tmp_path, LLAMA)
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConversionError, match=r"'MistralForCausalLM' is not supported; supported: LlamaForCausalLM, "
+                                              r"Qwen2ForCausalLM, Qwen3ForCausalLM"):
+        convert_hf_to_megatron(d, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("rope,match", [
+    ({"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6}, r"'yarn' is not supported"),
+    ({"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}, r"'linear' is not supported"),
+    (dict(LLAMA["rope_parameters"], low_freq_factor=2.0), r"low_freq_factor=2.0 is not supported.*hard-codes"),
+    (dict(LLAMA["rope_parameters"], original_max_position_embeddings=4096), r"original_max_position_embeddings=4096"),
+])
+def test_unsupported_rope_scaling_is_refused(rope, match):
+    with pytest.raises(ConversionError, match=match):
+        model_config_from_hf(dict(LLAMA, rope_parameters=rope))
+
+
+def test_legacy_rope_scaling_spelling_is_read():
+    config = {k: v for k, v in LLAMA.items() if k != "rope_parameters"}
+    config.update(rope_theta=500000.0, rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+    cfg, arch = model_config_from_hf(config)
+    assert arch == "LlamaForCausalLM" and cfg.rotary_base == 500000.0 and cfg.rope_scaling["factor"] == 32.0
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("hidden_act", "gelu", "hidden_act='gelu'"),
+    ("attention_bias", True, "attention_bias=true"),
+    ("mlp_bias", True, "mlp_bias=true"),
+])
+def test_unsupported_features_are_named(field, value, match):
+    with pytest.raises(ConversionError, match=match):
+        model_config_from_hf(dict(LLAMA, **{field: value}))
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_missing_tensor_names_tensor_and_file(tmp_path, shards):
+    d = write_hf(tmp_path, LLAMA, drop=["model.layers.1.self_attn.k_proj.weight"], shards=shards)
+    file = "model.safetensors" if shards == 1 else "model.safetensors.index.json"
+    with pytest.raises(ConversionError, match=rf"'model.layers.1.self_attn.k_proj.weight' is missing from .*{file}"):
+        convert_hf_to_megatron(d, str(tmp_path / "out"))
+
+
+def test_tensor_missing_from_the_shard_its_index_names(tmp_path):
+    d = write_hf(tmp_path, LLAMA, shards=3)
+    path = os.path.join(d, "model.safetensors.index.json")
+    index = json.load(open(path))
+    name = "model.layers.0.mlp.up_proj.weight"
+    wrong = next(f for f in sorted(set(index["weight_map"].values())) if f != index["weight_map"][name])
+    index["weight_map"][name] = wrong
+    json.dump(index, open(path, "w"))
+    with pytest.raises(ConversionError, match=rf"'{name}' is missing from .*{wrong} \(named there by model.safetensors.index.json\)"):
+        convert_hf_to_megatron(d, str(tmp_path / "out"))
+
+
+def test_shape_mismatch_names_tensor(tmp_path):
+    d = write_hf(tmp_path, LLAMA, reshape=("model.layers.0.mlp.gate_proj.weight", (40, 32)))
+    with pytest.raises(ConversionError, match=r"'model.layers.0.mlp.gate_proj.weight' in .*model.safetensors has "
+                                              r"shape \[40, 32\], config.json implies \[48, 32\]"):
+        convert_hf_to_megatron(d, str(tmp_path / "out"))
+
+
+def test_unexpected_tensors_are_refused(tmp_path):
+    d = write_hf(tmp_path, LLAMA, reshape=("model.layers.0.self_attn.o_proj.bias", (32,)))
+    with pytest.raises(ConversionError, match=r"not covered by the converter.*o_proj.bias"):
+        convert_hf_to_megatron(d, str(tmp_path / "out"))
+
+
+def test_export_without_model_config_is_explained(tmp_path):
+    with pytest.raises(ConversionError, match="pass --config"):
+        convert_megatron_to_hf(str(tmp_path), str(tmp_path / "out"))
+
+
+def test_template_mismatch_is_named():
+    cfg, _ = model_config_from_hf(LLAMA)
+    with pytest.raises(ConversionError, match="num_layers: template 3 vs checkpoint 2"):
+        hf_config_from_model(cfg, template=dict(LLAMA, num_hidden_layers=3))
+
+
+def test_hf_config_round_trips_through_model_config():
+    for config in (LLAMA, dict(LLAMA, architectures=["Qwen3ForCausalLM"], model_type="qwen3", head_dim=16,
+                               rope_parameters={"rope_type": "default", "rope_theta": 1e6})):
+        cfg, arch = model_config_from_hf(config)
+        again, arch2 = model_config_from_hf(hf_config_from_model(cfg))
+        assert again == cfg and arch2 == arch
+
+
+def test_qkv_layout_is_grouped_and_invertible():
+    nh, ng, hd, h = 6, 2, 3, 5
+    q, k, v = torch.randn(nh * hd, h), torch.randn(ng * hd, h), torch.randn(ng * hd, h)
+    qkv = mapping.qkv_merge(q, k, v, ng)
+    r = nh // ng
+    group1 = qkv[(r + 2) * hd:]  # [q heads of group 1, k1, v1]
+    assert torch.equal(group1[: r * hd], q[r * hd:]) and torch.equal(group1[r * hd: (r + 1) * hd], k[hd:])
+    assert torch.equal(group1[(r + 1) * hd:], v[hd:])
+    for a, b in zip(mapping.qkv_split(qkv, nh, ng, hd), (q, k, v)):
+        assert torch.equal(a, b)
+    bias = mapping.qkv_merge(q[:, 0], k[:, 0], v[:, 0], ng)
+    assert torch.equal(bias, qkv[:, 0])
+    gate, up = torch.randn(4, h), torch.randn(4, h)
+    assert [torch.equal(a, b) for a, b in zip(mapping.fc1_split(mapping.fc1_merge(gate, up)), (gate, up))] == [True, True]
+    assert torch.equal(mapping.unpad_vocab(mapping.pad_vocab(gate, 8), 4), gate)
+
+
+
+def test_cli_reports_errors_with_exit_code_2(tmp_path, capsys):
+    from tools import convert_hf_to_megatron, convert_megatron_to_hf
+
+    d = write_hf(tmp_path, LLAMA)
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(dict(LLAMA, rope_parameters={"rope_type": "dynamic"})))
+    assert convert_hf_to_megatron.main(["--hf-dir", d, "--out", str(tmp_path / "out")]) == 2
+    assert "error: rope scaling type 'dynamic' is not supported" in capsys.readouterr().err
+    assert convert_megatron_to_hf.main(["--ckpt", str(tmp_path), "--out", str(tmp_path / "o2")]) == 2
+    assert "pass --config" in capsys.readouterr().err
+    assert convert_megatron_to_hf.parse_size("60KB") == 60 * 1024
