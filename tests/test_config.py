@@ -70,3 +70,20 @@ def test_shipped_configs_load_and_fit_their_world(name):
     arch = dict(cfg.model.architecture)
     arch.setdefault("vocab_size", 1000)  # the tiny config takes it from its tokenizer
     ModelConfig.from_dict(arch)
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("model.data.train_ds.file_names=[nope.jsonl]", "model.data.train_ds.file_names[0]: nope.jsonl does not exist"),
+        ("model.tokenizer.model=no/such/dir", "model.tokenizer.model: no/such/dir does not exist"),
+        ("model.restore_from_path=/no/ckpt", "model.restore_from_path: /no/ckpt is not a directory"),
+    ],
+)
+def test_missing_files_are_named_before_distributed_start(override, message, monkeypatch):
+    from psft_megatron.config import check_paths
+
+    monkeypatch.chdir(REPO)
+    cfg, _ = load_run_config(CONFIGS, "tiny_cpu", [override])
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        check_paths(cfg)

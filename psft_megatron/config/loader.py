@@ -180,6 +180,23 @@ def check_layout(cfg: RunConfig, world_size: int, vocab_size: Optional[int] = No
             raise ConfigError(f"trainer.devices={cfg.trainer.devices} but torchrun started {local} processes per node")
 
 
+def check_paths(cfg: RunConfig) -> None:
+    """Files the run needs exist (data, tokenizer, initial checkpoint); before distributed start."""
+    m = cfg.model
+    for section in ("train_ds", "validation_ds"):
+        files = (getattr(m.data, section) or {}).get("file_names") or []
+        for i, path in enumerate(files):
+            if not os.path.exists(path):
+                raise ConfigError(f"model.data.{section}.file_names[{i}]: {path} does not exist")
+    for key in ("model", "type"):
+        path = m.tokenizer.get(key)
+        if key == "model" or not m.tokenizer.get("model"):
+            if path and not os.path.exists(path):
+                raise ConfigError(f"model.tokenizer.{key}: {path} does not exist")
+    if m.restore_from_path and not os.path.isdir(m.restore_from_path):
+        raise ConfigError(f"model.restore_from_path: {m.restore_from_path} is not a directory")
+
+
 def compose_yaml(config_path: str, config_name: str, overrides: List[str]) -> Dict[str, Any]:
     """Hydra compose of ``config_path/config_name.yaml`` with ``overrides``; returns a plain dict."""
     from hydra import compose, initialize_config_dir

@@ -25,7 +25,7 @@ from typing import Dict, Iterator, List, Optional
 import numpy as np
 import torch
 
-from psft_megatron.config.loader import check_layout
+from psft_megatron.config.loader import check_layout, check_paths
 from psft_megatron.config.schema import PRECISIONS, SCHEDULES, RunConfig
 from psft_megatron.training.checkpoints import CheckpointManager
 
@@ -134,6 +134,7 @@ class Trainer:
         cfg, m = self.cfg, self.cfg.model
         world = int(os.environ.get("WORLD_SIZE", "1"))
         check_layout(cfg, world)  # before any distributed work
+        check_paths(cfg)
         tok_cfg = TokenizerConfig.from_dict(m.tokenizer)
         train_cfg = DataConfig.from_dict(m.data.train_ds, prefix="model.data.train_ds")
         val_cfg = (DataConfig.from_dict(m.data.validation_ds, prefix="model.data.validation_ds")
