@@ -98,6 +98,14 @@ def _set_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state(states["cuda"])
 
 
+#: dense bf16 peak FLOP/s by GPU name fragment (for the MFU estimate; unknown GPUs get none)
+_GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "B200": 2250e12, "L40S": 362e12}
+
+
+def _gpu_peak_flops(name: str) -> Optional[float]:
+    return next((peak for key, peak in _GPU_PEAK_BF16.items() if key in name), None)
+
+
 def log_dir_of(cfg: RunConfig) -> str:
     em = cfg.exp_manager
     return em.explicit_log_dir or os.path.join(em.exp_dir, em.name)
@@ -195,6 +203,7 @@ class Trainer:
         needs_frozen = psft.loss == "sft_kl" or (psft.loss == "psft" and psft.freeze_old_policy)
         self.frozen = self._build_frozen_copy() if needs_frozen else None
         self.dp_cp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+        self.num_parameters = self._count_parameters()
         self.sampler = self._sampler(self.train_set, shuffle=train_cfg.shuffle, global_batch_size=m.global_batch_size)
         self.sampler_state = self.sampler.state_dict()
         self.checkpoints = CheckpointManager(os.path.join(self.log_dir, "checkpoints"),
@@ -213,6 +222,36 @@ class Trainer:
                 json.dump(self.resolved, f, indent=1)
             for line in self.train_set.report_lines():
                 print(line, flush=True)
+
+    def _count_parameters(self) -> int:
+        """Model parameters in total (each TP/PP shard counted once, DP/CP replicas not)."""
+        from megatron.core import parallel_state
+
+        local = 0
+        if parallel_state.get_data_parallel_rank() == 0 and parallel_state.get_context_parallel_rank() == 0:
+            local = sum(p.numel() for chunk in self.tm.chunks for p in chunk.parameters())
+        total = torch.tensor([float(local)], dtype=torch.float64)
+        torch.distributed.all_reduce(total)
+        return int(total.item())
+
+    def _resource_metrics(self, elapsed: float, tokens: float) -> Dict[str, float]:
+        """Peak memory (GiB: CUDA allocator peak on GPU, peak RSS of this process on CPU) and,
+        on GPUs with a known peak, MFU.
+
+        MFU = 6 * parameters * tokens / (step time * GPUs * peak bf16 dense FLOP/s): the
+        usual dense-transformer estimate, attention FLOPs and the old-policy forwards not counted.
+        """
+        out: Dict[str, float] = {}
+        if torch.cuda.is_available():
+            out["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            peak = _gpu_peak_flops(torch.cuda.get_device_name())
+            if peak and elapsed > 0:
+                out["mfu"] = 6.0 * self.num_parameters * tokens / (elapsed * self.info.world_size * peak)
+        else:
+            import resource
+
+            out["peak_mem_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+        return out
 
     def _load_initial_weights(self, chunks) -> None:
         path = self.cfg.model.restore_from_path
@@ -310,6 +349,7 @@ class Trainer:
                             tokens_per_s=last.get("num_tokens", 0.0) / max(elapsed, 1e-9))
                 if result.grad_norm is not None:
                     last["grad_norm"] = result.grad_norm
+                last.update(self._resource_metrics(elapsed, last.get("num_tokens", 0.0)))
                 fault = self._count_skip(result, last)
                 self.history.append(dict(last, step=self.step))
                 if self.step % cfg.trainer.log_every_n_steps == 0 or self.step == max_steps or fault:
