@@ -28,6 +28,17 @@ def test_resume_inside_a_window_is_bitwise_exact():
     assert r["resumed"] == r["straight"], "resumed run differs from the uninterrupted one"
 
 
+def test_resume_at_another_layout_and_optimizer_kind_mismatch():
+    r = resume_results()
+    assert r["other_layout_step"] == 6
+    assert [h["step"] for h in r["other_layout"]] == [7, 8]
+    # saved inside a window at TP=2: at TP=1 pi_old is re-synced, so step 7 has ratio 1
+    assert r["other_layout"][0]["loss"] == -1.0 and r["straight"][6]["loss"] != -1.0
+    assert abs(r["other_layout"][0]["nll"] - r["straight"][6]["nll"]) < 1e-5  # same weights and batch
+    message = r["optimizer_kind_error"]
+    assert message and "use_distributed_optimizer=false; this run has true" in message, message
+
+
 def test_nan_steps_are_skipped_counted_and_stop_the_run():
     r = resume_results()
     skipped = [h["skipped"] for h in r["nan_history"]]

@@ -106,6 +106,7 @@ def setup_model_and_optimizer(
     optimizer_config.fp16 = config.fp16
     optimizer = get_megatron_optimizer(optimizer_config, ddp_chunks)
     config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = optimizer.scale_loss  # fp16: the schedule scales the loss (1.0 otherwise)
     if len(ddp_chunks) == 1:
         config.no_sync_func = ddp_chunks[0].no_sync
         config.grad_sync_func = ddp_chunks[0].start_grad_sync if overlap_grad_reduce else None

@@ -97,6 +97,24 @@ def main() -> None:
     results["resumed"] = first + metrics_of(t)
     t.close()
 
+    # another layout (TP=1, PP=2): weights, optimizer, schedule and data position load; the
+    # open window is re-synced; a distributed-optimizer run refuses the plain-optimizer state
+    t = trainer(work, "relayout", ["trainer.max_steps=6"])  # stops inside the window [4, 8)
+    t.train()
+    t.save()
+    t.close()
+    other = ["model.tensor_model_parallel_size=1", "model.sequence_parallel=false", "trainer.max_steps=8"]
+    t = trainer(work, "relayout", other)
+    results["other_layout_step"] = t.step
+    t.train()
+    results["other_layout"] = metrics_of(t)
+    t.close()
+    try:
+        trainer(work, "relayout", other + ["trainer.max_steps=10", "model.optim.use_distributed_optimizer=true"])
+        results["optimizer_kind_error"] = None
+    except ValueError as exc:
+        results["optimizer_kind_error"] = str(exc)
+
     # NaN: one is skipped and counted; two in a row stop the run (max_consecutive_skipped_steps=2)
     NaNTrainer.nan_steps = (2, 5, 6)
     t = trainer(work, "nan", ["trainer.max_steps=8", "trainer.max_consecutive_skipped_steps=2",
