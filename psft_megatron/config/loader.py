@@ -180,6 +180,21 @@ def check_layout(cfg: RunConfig, world_size: int, vocab_size: Optional[int] = No
             raise ConfigError(f"trainer.devices={cfg.trainer.devices} but torchrun started {local} processes per node")
 
 
+def check_requirements(cfg: RunConfig) -> None:
+    """Optional packages the config asks for are installed; before distributed start."""
+    from psft_megatron.optional import is_available
+
+    fp8 = cfg.model.fp8
+    if fp8 is not None:
+        if fp8 not in ("e4m3", "hybrid"):
+            raise ConfigError(f"model.fp8={fp8!r} is not one of e4m3, hybrid")
+        if not is_available("transformer_engine"):
+            raise ConfigError(f"model.fp8={fp8} needs Transformer Engine, which is not installed: "
+                              "pip install -e '.[te]' (or use an NGC PyTorch container)")
+        if cfg.model.layer_spec not in (None, "te"):
+            raise ConfigError(f"model.fp8={fp8} needs model.layer_spec=te, got {cfg.model.layer_spec!r}")
+
+
 def check_paths(cfg: RunConfig) -> None:
     """Files the run needs exist (data, tokenizer, initial checkpoint); before distributed start."""
     m = cfg.model

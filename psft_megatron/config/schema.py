@@ -131,6 +131,7 @@ class ModelSection:
     seed: int = 1234
     layer_spec: Optional[str] = None  # te | local | cpu; None: te with CUDA+TE, else cpu
     restore_from_path: Optional[str] = None  # megatron checkpoint with the initial weights
+    fp8: Optional[str] = None  # e4m3 | hybrid: FP8 through Transformer Engine (GPU, te layer spec)
     architecture: Dict[str, Any] = field(default_factory=dict)
     optim: OptimSection = field(default_factory=OptimSection)
     data: DataSection = field(default_factory=DataSection)

@@ -25,7 +25,7 @@ from typing import Dict, Iterator, List, Optional
 import numpy as np
 import torch
 
-from psft_megatron.config.loader import check_layout, check_paths
+from psft_megatron.config.loader import check_layout, check_paths, check_requirements
 from psft_megatron.config.schema import PRECISIONS, SCHEDULES, RunConfig
 from psft_megatron.training.checkpoints import CheckpointManager
 
@@ -143,6 +143,7 @@ class Trainer:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         check_layout(cfg, world)  # before any distributed work
         check_paths(cfg)
+        check_requirements(cfg)
         tok_cfg = TokenizerConfig.from_dict(m.tokenizer)
         train_cfg = DataConfig.from_dict(m.data.train_ds, prefix="model.data.train_ds")
         val_cfg = (DataConfig.from_dict(m.data.validation_ds, prefix="model.data.validation_ds")
@@ -186,7 +187,8 @@ class Trainer:
         self.tm = setup_model_and_optimizer(
             self.model_cfg, self.parallel, opt_cfg, schedule=schedule, layer_spec=m.layer_spec,
             use_distributed_optimizer=optim.use_distributed_optimizer,
-            overlap_grad_reduce=optim.overlap_grad_reduce, after_build=self._load_initial_weights)
+            overlap_grad_reduce=optim.overlap_grad_reduce, after_build=self._load_initial_weights,
+            transformer_overrides={"fp8": m.fp8} if m.fp8 else None)
 
         psft = m.psft
         common = dict(agg_mode=psft.agg_mode, compute_entropy=psft.compute_entropy, chunk_size=psft.chunk_size)
