@@ -33,7 +33,11 @@ def main(argv=None) -> int:
     from psft_megatron.training.trainer import Trainer
 
     trainer = Trainer(cfg, resolved)
-    trainer.setup()
+    try:
+        trainer.setup()
+    except ConfigError as exc:  # layout, paths, optional packages: all before distributed start
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
     try:
         trainer.train()
         if trainer.preempted:

@@ -101,3 +101,15 @@ def test_fp8_without_transformer_engine_names_the_install():
     cfg, _ = load_run_config(CONFIGS, "tiny_cpu", ["model.fp8=e5m2"])
     with pytest.raises(ConfigError, match="model.fp8='e5m2' is not one of e4m3, hybrid"):
         check_requirements(cfg)
+
+
+def test_pretrain_reports_layout_errors_before_distributed_start():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "pretrain_psft.py", "--config-name", "tiny_cpu", "model.num_layers=3",
+                           "model.pipeline_model_parallel_size=2", "trainer.devices=null"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "config error: world size 1 is not divisible by model.tensor_model_parallel_size" in proc.stderr
+    assert "Traceback" not in proc.stderr
