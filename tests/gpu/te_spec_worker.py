@@ -38,3 +38,6 @@ def main(out: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[sys.argv.index("--out") + 1])
+    from tests.parallel.launch import finish_worker
+
+    finish_worker()

@@ -29,3 +29,15 @@ def torchrun(script: str, nproc: int, args, timeout: int = 600) -> dict:
             result = json.load(f)
         result["log"] = log
         return result
+
+
+def finish_worker() -> None:
+    """End a worker cleanly: all ranks meet, then megatron's groups and the process group are
+    destroyed (exiting with live gloo threads can abort a rank after its results are written)."""
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        from psft_megatron.runtime import shutdown
+
+        shutdown()

@@ -482,3 +482,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    from tests.parallel.launch import finish_worker
+
+    finish_worker()
