@@ -1,6 +1,7 @@
 """PSFT vs SFT optimizer-step time, side by side in one run (same model, data and layout).
 
-    torchrun --nproc_per_node 2 benchmarks/bench_step.py            # CPU, TP=2 + SP
+    torchrun --nproc_per_node 1 benchmarks/bench_step.py                 # CPU, one process
+    torchrun --nproc_per_node 2 benchmarks/bench_step.py --tp 2          # CPU, TP=2 + SP over gloo
     torchrun --nproc_per_node 8 benchmarks/bench_step.py --hidden 2048 --layers 8 --seq 4096   # GPU
 
 PSFT with K steps per old-policy window costs K-1 extra forward-only passes per window; with a
@@ -61,7 +62,7 @@ def timed_round(trainer) -> tuple:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tp", type=int, default=2)
+    parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--seq", type=int, default=256)
