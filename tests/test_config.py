@@ -89,20 +89,6 @@ def test_missing_files_are_named_before_distributed_start(override, message, mon
         check_paths(cfg)
 
 
-def test_fp8_without_transformer_engine_names_the_install():
-    from psft_megatron.config import check_requirements
-    from psft_megatron.optional import is_available
-
-    if is_available("transformer_engine"):
-        pytest.skip("transformer-engine is installed here")
-    cfg, _ = load_run_config(CONFIGS, "tiny_cpu", ["model.fp8=hybrid"])
-    with pytest.raises(ConfigError, match=r"model.fp8=hybrid needs Transformer Engine.*pip install -e '\.\[te\]'"):
-        check_requirements(cfg)
-    cfg, _ = load_run_config(CONFIGS, "tiny_cpu", ["model.fp8=e5m2"])
-    with pytest.raises(ConfigError, match="model.fp8='e5m2' is not one of e4m3, hybrid"):
-        check_requirements(cfg)
-
-
 def test_pretrain_reports_layout_errors_before_distributed_start():
     import subprocess
     import sys

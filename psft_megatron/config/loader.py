@@ -143,6 +143,25 @@ def _check_values(cfg: RunConfig) -> None:
         raise ConfigError(f"model.optim.betas must have two values, got {cfg.model.optim.betas}")
     if cfg.trainer.max_steps < 1:
         raise ConfigError(f"trainer.max_steps={cfg.trainer.max_steps} must be >= 1")
+    fp8 = fp8_config(cfg.model)
+    if fp8.param_gather and not cfg.model.optim.use_distributed_optimizer:
+        raise ConfigError("model.fp8_param_gather=true needs model.optim.use_distributed_optimizer=true (megatron "
+                          "all-gathers the FP8 weights from the distributed optimizer's shards)")
+
+
+#: the ``model`` keys that :func:`fp8_config` reads
+FP8_KEYS = ("fp8", "fp8_e4m3", "fp8_hybrid", "fp8_recipe", "fp8_margin", "fp8_amax_history_len",
+            "fp8_amax_compute_algo", "fp8_param_gather", "fp8_params", "fp8_interval", "reduce_amax")
+
+
+def fp8_config(model: ModelSection):
+    """The run's resolved :class:`psft_megatron.model.fp8.FP8Config` (both spellings)."""
+    from psft_megatron.model.fp8 import FP8Config
+
+    try:
+        return FP8Config.from_model_keys({key: getattr(model, key) for key in FP8_KEYS})
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def check_layout(cfg: RunConfig, world_size: int, vocab_size: Optional[int] = None) -> None:
@@ -181,18 +200,26 @@ def check_layout(cfg: RunConfig, world_size: int, vocab_size: Optional[int] = No
 
 
 def check_requirements(cfg: RunConfig) -> None:
-    """Optional packages the config asks for are installed; before distributed start."""
+    """Optional packages and hardware the config asks for are there; before distributed start.
+
+    FP8: Transformer Engine installed (else the install command), the ``te`` layer spec, and a
+    GPU that supports the recipe (compute capability and CUDA, as TE checks them).
+    """
+    from psft_megatron.model.fp8 import check_fp8_hardware
     from psft_megatron.optional import is_available
 
-    fp8 = cfg.model.fp8
-    if fp8 is not None:
-        if fp8 not in ("e4m3", "hybrid"):
-            raise ConfigError(f"model.fp8={fp8!r} is not one of e4m3, hybrid")
-        if not is_available("transformer_engine"):
-            raise ConfigError(f"model.fp8={fp8} needs Transformer Engine, which is not installed: "
-                              "pip install -e '.[te]' (or use an NGC PyTorch container)")
-        if cfg.model.layer_spec not in (None, "te"):
-            raise ConfigError(f"model.fp8={fp8} needs model.layer_spec=te, got {cfg.model.layer_spec!r}")
+    fp8 = fp8_config(cfg.model)
+    if not fp8.enabled:
+        return
+    if not is_available("transformer_engine"):
+        raise ConfigError(f"model.fp8={fp8.format} needs Transformer Engine, which is not installed: "
+                          "pip install -e '.[te]' (or use an NGC PyTorch container)")
+    if cfg.model.layer_spec not in (None, "te"):
+        raise ConfigError(f"model.fp8={fp8.format} needs model.layer_spec=te, got {cfg.model.layer_spec!r}")
+    try:
+        check_fp8_hardware(fp8)
+    except RuntimeError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def check_paths(cfg: RunConfig) -> None:

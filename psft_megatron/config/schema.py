@@ -131,7 +131,18 @@ class ModelSection:
     seed: int = 1234
     layer_spec: Optional[str] = None  # te | local | cpu; None: te with CUDA+TE, else cpu
     restore_from_path: Optional[str] = None  # megatron checkpoint with the initial weights
-    fp8: Optional[str] = None  # e4m3 | hybrid: FP8 through Transformer Engine (GPU, te layer spec)
+    # FP8 through Transformer Engine (GPU, te layer spec); resolved by psft_megatron.model.fp8.
+    fp8: Any = None  # e4m3 | hybrid | null; NeMo 1: true/false with fp8_e4m3 / fp8_hybrid
+    fp8_recipe: str = "delayed"  # delayed | tensorwise | blockwise | mxfp8
+    fp8_margin: int = 0  # delayed recipe only
+    fp8_amax_history_len: int = 1  # delayed recipe only
+    fp8_amax_compute_algo: str = "most_recent"  # most_recent | max; delayed recipe only
+    fp8_param_gather: Optional[bool] = None  # (false) FP8 weights, all-gathered in FP8 (needs the distributed optimizer)
+    fp8_e4m3: Optional[bool] = None  # NeMo 1 spelling
+    fp8_hybrid: Optional[bool] = None  # NeMo 1 spelling
+    fp8_params: Optional[bool] = None  # NeMo 1 spelling of fp8_param_gather
+    fp8_interval: int = 1  # NeMo 1 / TE < 1.8; only 1 is accepted
+    reduce_amax: bool = True  # NeMo 1; only true is accepted
     architecture: Dict[str, Any] = field(default_factory=dict)
     optim: OptimSection = field(default_factory=OptimSection)
     data: DataSection = field(default_factory=DataSection)
