@@ -9,7 +9,7 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 
 from psft_megatron.model.config import ModelConfig
-from psft_megatron.model.layer_specs import build_block_spec, default_layer_spec
+from psft_megatron.model.layer_specs import build_block_spec, resolve_layer_spec
 
 
 def build_gpt_chunks(model_cfg: ModelConfig, config, layer_spec: Optional[str] = None) -> List[GPTModel]:
@@ -18,11 +18,12 @@ def build_gpt_chunks(model_cfg: ModelConfig, config, layer_spec: Optional[str] =
     Args:
         model_cfg: architecture.
         config: megatron ``TransformerConfig`` (``model_cfg.to_transformer_config(parallel)``).
-        layer_spec: "te", "local" or "cpu"; None picks te on CUDA with TE, else cpu.
+        layer_spec: "te", "local" or "cpu"; None: te on CUDA with TE, local on CUDA
+            without TE, else cpu (:func:`psft_megatron.model.layer_specs.default_layer_spec`).
     Returns:
         list of GPTModel on this rank's device; chunk i is virtual stage i.
     """
-    layer_spec = layer_spec or default_layer_spec()
+    layer_spec = resolve_layer_spec(layer_spec)
     vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
     tp = parallel_state.get_tensor_model_parallel_world_size()
     scaling = model_cfg.rope_scaling

@@ -161,7 +161,8 @@ class ModelConfig:
             context_parallel_size=parallel.context_parallel_size,
             sequence_parallel=parallel.sequence_parallel and parallel.tensor_model_parallel_size > 1,
             calculate_per_token_loss=True,
-            # Fusions that need apex/TE or CUDA; the TE layer spec brings its own.
+            # Fusions off: the plain-torch reference. setup_model_and_optimizer switches on
+            # what the layer spec and the machine offer (psft_megatron.model.fusions).
             bias_activation_fusion=False,
             bias_dropout_fusion=False,
             masked_softmax_fusion=False,

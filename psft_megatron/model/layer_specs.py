@@ -1,39 +1,77 @@
 """Layer specs: ``te`` (Transformer Engine, GPU), ``local`` (megatron-core modules) and ``cpu``.
 
-``cpu`` is megatron's local spec with two substitutions from
-:mod:`psft_megatron.model.cpu_layers`: the core attention (SDPA, with GQA and CP) and the
-norms (SP-capable). Checkpoint keys stay those of the TE spec thanks to the local spec's
-``sharded_state_dict_keys_map``, so a checkpoint moves between ``cpu`` and ``te`` runs.
+- ``te``: megatron-core's Transformer Engine spec unchanged: TE linears with the norms fused
+  in, TE attention (including its context-parallel attention), FP8 through TE.
+- ``local``: megatron-core's local spec (``ColumnParallelLinear`` / ``RowParallelLinear``,
+  its MLP with the fused SwiGLU and fused bias-dropout-add on CUDA) with two modules swapped
+  where megatron's local versions refuse this project's layouts: the norms (megatron's torch
+  norm wrapper refuses sequence parallelism and apex's ``FusedLayerNorm`` has no RMSNorm) are
+  the SP-capable norms of :mod:`psft_megatron.model.cpu_layers` - on apex's fused kernels when
+  apex is installed - and the core attention (megatron's ``DotProductAttention`` refuses
+  context parallelism and packed sequences and materialises the score matrix) is
+  :class:`psft_megatron.model.cpu_layers.SDPACoreAttention` (PyTorch's flash / memory-efficient
+  kernels on CUDA).
+- ``cpu``: the same modules as ``local`` with every fusion off: the plain-torch reference.
+
+Which fusions are on is decided in :mod:`psft_megatron.model.fusions`. Checkpoint keys are the
+TE spec's for all three (the local spec's ``sharded_state_dict_keys_map``), so a checkpoint
+moves between CPU and GPU runs and between specs.
 """
 
 from __future__ import annotations
 
 import copy
+from typing import Optional
 
 import torch
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
+from psft_megatron.model.fusions import Kernels
+from psft_megatron.model.fusions import default_layer_spec as _default_for
 from psft_megatron.optional import require
 
 LAYER_SPECS = ("te", "local", "cpu")
 
 
-def default_layer_spec() -> str:
-    """``te`` on a CUDA machine with Transformer Engine installed, else ``cpu``."""
-    from psft_megatron.optional import is_available
-
-    return "te" if torch.cuda.is_available() and is_available("transformer_engine") else "cpu"
+def default_layer_spec(kernels: Optional[Kernels] = None) -> str:
+    """``te`` on a CUDA machine with Transformer Engine, ``local`` on CUDA without it, else ``cpu``."""
+    return _default_for(kernels or Kernels.detect())
 
 
-def _cpu_layer_spec(config):
+def resolve_layer_spec(name: Optional[str], kernels: Optional[Kernels] = None) -> str:
+    """``name`` checked against :data:`LAYER_SPECS`, or the machine's default when None."""
+    if name is None:
+        return default_layer_spec(kernels)
+    if name not in LAYER_SPECS:
+        raise ValueError(f"layer_spec={name!r} is not one of {', '.join(LAYER_SPECS)}")
+    return name
+
+
+def norm_class(normalization: str, apex: bool = False) -> type:
+    """The SP-capable norm for megatron's ``config.normalization``; apex's kernels if ``apex``."""
+    from psft_megatron.model.cpu_layers import norm_class as torch_norm_class
+
+    if not apex:
+        return torch_norm_class(normalization)
+    if normalization == "RMSNorm":
+        from psft_megatron.model.apex_norm import ApexRMSNorm
+
+        return ApexRMSNorm
+    if normalization == "LayerNorm":
+        from megatron.core.fusions.fused_layer_norm import FusedLayerNorm  # apex, SP-capable
+
+        return FusedLayerNorm
+    return torch_norm_class(normalization)  # raises naming the valid values
+
+
+def _local_layer_spec(config, norm):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    from psft_megatron.model.cpu_layers import SDPACoreAttention, norm_class
+    from psft_megatron.model.cpu_layers import SDPACoreAttention
 
     # Built with LayerNorm so that megatron's torch-norm wrapper is not asked about SP here;
     # every norm is replaced below.
     spec = copy.deepcopy(get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm))
-    norm = norm_class(config.normalization)
     layer = spec.submodules
     layer.input_layernorm = norm
     layer.pre_mlp_layernorm = norm
@@ -42,15 +80,17 @@ def _cpu_layer_spec(config):
     if config.qk_layernorm:
         attention.q_layernorm = norm
         attention.k_layernorm = norm
-    return spec, norm
+    return spec
 
 
-def build_block_spec(name: str, config, vp_stage=None):
+def build_block_spec(name: str, config, vp_stage=None, kernels: Optional[Kernels] = None):
     """Block spec for this rank's pipeline stage (and virtual stage ``vp_stage``).
 
     Args:
         name: one of :data:`LAYER_SPECS`.
-        config: megatron ``TransformerConfig``.
+        config: megatron ``TransformerConfig`` (its fusion switches should come from
+            :func:`psft_megatron.model.fusions.fusion_fields` for the same spec).
+        kernels: what this machine offers (detected when None).
     Returns:
         a ``ModuleSpec`` (layer spec) or ``TransformerBlockSubmodules`` for ``GPTModel``.
     """
@@ -61,12 +101,10 @@ def build_block_spec(name: str, config, vp_stage=None):
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
-    if name == "local":
-        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-
-        return get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm, normalization=config.normalization)
-    if name == "cpu":
-        layer, norm = _cpu_layer_spec(config)
+    if name in ("local", "cpu"):
+        apex = name == "local" and (kernels or Kernels.detect()).apex_norm
+        norm = norm_class(config.normalization, apex=apex)
+        layer = _local_layer_spec(config, norm)
         return TransformerBlockSubmodules(
             layer_specs=[layer] * get_num_layers_to_build(config, vp_stage=vp_stage), layer_norm=norm
         )

@@ -11,6 +11,9 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from psft_megatron.model.builder import build_gpt_chunks, wrap_ddp
 from psft_megatron.model.config import ModelConfig
+from psft_megatron.model.fp8 import FP8Config
+from psft_megatron.model.fusions import Kernels, fusion_fields
+from psft_megatron.model.layer_specs import resolve_layer_spec
 
 
 @dataclass
@@ -21,6 +24,8 @@ class TrainingModel:
     chunks: List  # megatron DDP-wrapped GPTModel chunks (one per virtual stage)
     optimizer: object  # megatron optimizer (possibly a ChainedOptimizer)
     scheduler: OptimizerParamScheduler  # sets lr and weight decay (x wd_mult) per param group
+    layer_spec: str = "cpu"  # the resolved layer spec ("te", "local" or "cpu")
+    fp8: FP8Config = FP8Config()  # FP8 settings (off by default)
 
 
 @dataclass
@@ -69,6 +74,7 @@ def setup_model_and_optimizer(
     use_distributed_optimizer: bool = False,
     overlap_grad_reduce: bool = False,
     transformer_overrides: Optional[dict] = None,
+    fp8: Optional[FP8Config] = None,
     after_build=None,
 ) -> TrainingModel:
     """Build the GPTModel chunks of this rank, wrap them in megatron DDP, make the optimizer.
@@ -78,14 +84,23 @@ def setup_model_and_optimizer(
         parallel: :class:`psft_megatron.runtime.ParallelConfig` (already initialised).
         optimizer_config: megatron ``OptimizerConfig`` (lr, weight decay, betas, clip_grad...).
         schedule: lr schedule; default constant lr.
-        layer_spec: "te", "local" or "cpu" (None: te with CUDA+TE, else cpu).
+        layer_spec: "te", "local" or "cpu" (None: te with CUDA + TE, local with CUDA only,
+            else cpu); megatron's fusion switches follow it
+            (:func:`psft_megatron.model.fusions.fusion_fields`).
         use_distributed_optimizer: shard optimizer state over DP (ZeRO-1).
         overlap_grad_reduce: overlap the DP grad reduce-scatter/all-reduce with backward.
-        transformer_overrides: extra ``TransformerConfig`` fields.
+        transformer_overrides: extra ``TransformerConfig`` fields (win over the fusion switches).
+        fp8: FP8 settings (:class:`psft_megatron.model.fp8.FP8Config`); they fill megatron's
+            ``TransformerConfig`` FP8 fields and DDP's ``fp8_param_gather``.
         after_build: optional ``fn(chunks)`` called on the bare chunks before DDP wrapping
             (e.g. to load weights).
     """
-    config = model_cfg.to_transformer_config(parallel, **(transformer_overrides or {}))
+    kernels = Kernels.detect()
+    layer_spec = resolve_layer_spec(layer_spec, kernels)
+    fp8 = fp8 or FP8Config()
+    fields = dict(fusion_fields(layer_spec, kernels), **fp8.transformer_config_fields())
+    fields.update(transformer_overrides or {})
+    config = model_cfg.to_transformer_config(parallel, **fields)
     chunks = build_gpt_chunks(model_cfg, config, layer_spec)
     if after_build is not None:
         after_build(chunks)
@@ -98,6 +113,7 @@ def setup_model_and_optimizer(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=overlap_grad_reduce,
         use_distributed_optimizer=use_distributed_optimizer,
+        **fp8.ddp_config_fields(),
     )
     ddp_chunks = wrap_ddp(chunks, config, ddp_config)
     optimizer_config.use_distributed_optimizer = use_distributed_optimizer
@@ -114,4 +130,5 @@ def setup_model_and_optimizer(
         config.no_sync_func = [chunk.no_sync for chunk in ddp_chunks]
         config.grad_sync_func = [chunk.start_grad_sync for chunk in ddp_chunks] if overlap_grad_reduce else None
     scheduler = build_scheduler(optimizer, optimizer_config, schedule or ScheduleConfig())
-    return TrainingModel(config=config, chunks=ddp_chunks, optimizer=optimizer, scheduler=scheduler)
+    return TrainingModel(config=config, chunks=ddp_chunks, optimizer=optimizer, scheduler=scheduler,
+                         layer_spec=layer_spec, fp8=fp8)
