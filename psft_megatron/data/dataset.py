@@ -138,19 +138,20 @@ class SFTDataset:
 
     @classmethod
     def build(cls, data_cfg: DataConfig, tokenizer: Tokenizer, tok_cfg: TokenizerConfig, tp: int = 1, cp: int = 1,
-              sequence_parallel: bool = False) -> "SFTDataset":
+              sequence_parallel: bool = False, align: int = 1) -> "SFTDataset":
         """Tokenise (or load the cache) and apply the length policy and packing for a TP/CP/SP layout.
 
         Under torch.distributed with a ``cache_dir``, global rank 0 tokenises and writes the cache
         first, all ranks meet at a barrier, then every rank memory-maps it (``cache_dir`` must be
         on a filesystem all ranks see). Without a cache_dir every rank tokenises on its own.
+        ``align``: per-rank token multiple for FP8 GEMMs (see :func:`required_multiple`).
         """
         if data_cfg.packing and cp > 1:
             logger.warning("packing with CP > 1: the CPU attention does not support it (GPU/TE only)")
         _tokenize_on_rank0_first(data_cfg, tokenizer, tok_cfg)
         store, info = load_or_tokenize(data_cfg, tokenizer, tok_cfg)
         pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
-        return cls(store, data_cfg, pad_id, required_multiple(tp, cp, sequence_parallel),
+        return cls(store, data_cfg, pad_id, required_multiple(tp, cp, sequence_parallel, align),
                    2 * cp if cp > 1 else 1, info)
 
     # ------------------------------------------------------------------ access

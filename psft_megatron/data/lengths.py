@@ -14,16 +14,21 @@ import numpy as np
 from psft_megatron.data.errors import DataError, Location
 
 
-def required_multiple(tp: int = 1, cp: int = 1, sequence_parallel: bool = False) -> int:
+def required_multiple(tp: int = 1, cp: int = 1, sequence_parallel: bool = False, align: int = 1) -> int:
     """Sequence-length multiple megatron needs: lcm of TP (if SP) and 2*CP (if CP > 1); else 1.
 
-    SP splits the sequence over TP ranks; CP cuts it into 2*CP load-balanced chunks.
+    SP splits the sequence over TP ranks; CP cuts it into 2*CP load-balanced chunks. With
+    ``align`` > 1 (FP8: 16, or 32 for MXFP8, :attr:`psft_megatron.model.fp8.FP8Config.align_size`)
+    every rank's share of the sequence - s / CP, and s / (CP * TP) under SP, the shard TE casts
+    before its all-gather - is also a multiple of ``align``, as TE's FP8 GEMMs need.
     """
     m = 1
     if sequence_parallel and tp > 1:
         m = math.lcm(m, tp)
     if cp > 1:
         m = math.lcm(m, 2 * cp)
+    if align > 1:
+        m = math.lcm(m, align * cp * (tp if sequence_parallel and tp > 1 else 1))
     return m
 
 

@@ -25,7 +25,7 @@ from typing import Dict, Iterator, List, Optional
 import numpy as np
 import torch
 
-from psft_megatron.config.loader import check_layout, check_paths, check_requirements
+from psft_megatron.config.loader import check_layout, check_paths, check_requirements, fp8_config
 from psft_megatron.config.schema import PRECISIONS, SCHEDULES, RunConfig
 from psft_megatron.training.checkpoints import CheckpointManager
 
@@ -165,8 +165,10 @@ class Trainer:
 
         tp, cp, sp = self.parallel.tensor_model_parallel_size, self.parallel.context_parallel_size, \
             self.parallel.sequence_parallel
-        self.train_set = SFTDataset.build(train_cfg, self.tokenizer, tok_cfg, tp=tp, cp=cp, sequence_parallel=sp)
-        self.val_set = (SFTDataset.build(val_cfg, self.tokenizer, tok_cfg, tp=tp, cp=cp, sequence_parallel=sp)
+        self.fp8 = fp8_config(m)
+        layout = dict(tp=tp, cp=cp, sequence_parallel=sp, align=self.fp8.align_size)
+        self.train_set = SFTDataset.build(train_cfg, self.tokenizer, tok_cfg, **layout)
+        self.val_set = (SFTDataset.build(val_cfg, self.tokenizer, tok_cfg, **layout)
                         if val_cfg else None)
         self.micro_batch_size = self.train_set.micro_batch_size(m.micro_batch_size)
         if self.micro_batch_size != m.micro_batch_size and self.is_rank0:
@@ -188,7 +190,9 @@ class Trainer:
             self.model_cfg, self.parallel, opt_cfg, schedule=schedule, layer_spec=m.layer_spec,
             use_distributed_optimizer=optim.use_distributed_optimizer,
             overlap_grad_reduce=optim.overlap_grad_reduce, after_build=self._load_initial_weights,
-            transformer_overrides={"fp8": m.fp8} if m.fp8 else None)
+            fp8=self.fp8)
+        if self.is_rank0:
+            print(f"model: layer spec {self.tm.layer_spec}, FP8 {self.fp8.describe()}", flush=True)
 
         psft = m.psft
         common = dict(agg_mode=psft.agg_mode, compute_entropy=psft.compute_entropy, chunk_size=psft.chunk_size)
@@ -263,10 +267,21 @@ class Trainer:
             load_checkpoint(path, chunks)
 
     def _build_frozen_copy(self) -> List:
+        """A frozen copy of the current weights (the SFT-KL reference, or a frozen pi_old).
+
+        Under FP8 it runs with the training recipe, except the delayed recipe: TE updates
+        delayed scales only at the end of a forward with autograd enabled, and a frozen copy
+        only runs forward without gradients, so its scales would stay at their initial 1.0 -
+        it runs in bf16 instead (docs/fp8.md). It never keeps FP8 weights (no optimizer)."""
+        import dataclasses
+
         from psft_megatron.checkpointing import unwrap
         from psft_megatron.model.builder import build_gpt_chunks
 
-        chunks = build_gpt_chunks(self.model_cfg, self.tm.config, self.cfg.model.layer_spec)
+        config = dataclasses.replace(self.tm.config, fp8_param=False)
+        if self.fp8.has_scaling_state:
+            config = dataclasses.replace(config, fp8=None)
+        chunks = build_gpt_chunks(self.model_cfg, config, self.tm.layer_spec)
         for frozen, live in zip(chunks, self.tm.chunks):
             frozen.load_state_dict(unwrap(live).state_dict())
             frozen.requires_grad_(False)
