@@ -91,24 +91,58 @@ def load_common(ckpt_dir: str) -> Dict[str, Any]:
     return dist_checkpointing.load_common_state_dict(ckpt_dir)
 
 
+def _drop_missing_extra_states(model_state: dict, stored: set) -> Dict[str, str]:
+    """Remove from one model chunk's load request every ``_extra_state`` object the checkpoint
+    lacks (``stored``: the checkpoint's object/tensor keys); returns {state-dict name: key}.
+
+    Transformer Engine modules keep their FP8 metadata (scales, amax histories) as
+    ``_extra_state``; a checkpoint written by a spec without such modules (``cpu``/``local``
+    have no TE attention state) has none to give, and those modules keep their fresh state.
+    """
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    dropped = {}
+    for name, item in list(model_state.items()):
+        if isinstance(item, ShardedObject) and item.key.endswith("_extra_state") and item.unique_key not in stored:
+            dropped[name] = item.unique_key
+            del model_state[name]
+    return dropped
+
+
 def load_checkpoint(ckpt_dir: str, chunks: List, optimizer=None, strict: bool = True,
                     per_rank: bool = False) -> Dict[str, Any]:
-    """Load what :func:`save_checkpoint` wrote into ``chunks`` (and ``optimizer``), at any layout.
+    """Load what :func:`save_checkpoint` wrote into ``chunks`` (and ``optimizer``), at any layout
+    and across layer specs (``te`` <-> ``local``/``cpu``).
+
+    FP8 metadata (``_extra_state`` of Transformer Engine modules) is restored when the checkpoint
+    has it; a checkpoint without it (written by the ``cpu``/``local`` spec, or without FP8)
+    leaves those modules with fresh FP8 state, and the keys are reported in the returned
+    ``missing_extra_state`` list. Extra state the model has no module for (a TE checkpoint
+    loaded into the ``cpu`` spec) is not read.
 
     Returns:
         the loaded state dict's non-model, non-optimizer entries (the ``common`` values, and
-        this rank's ``per_rank_state`` if ``per_rank``).
+        this rank's ``per_rank_state`` if ``per_rank``), plus ``missing_extra_state``.
     Raises:
         FileNotFoundError: naming ``ckpt_dir`` if it holds no megatron distributed checkpoint.
     """
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 
     if not dist_checkpointing.check_is_distributed_checkpoint(ckpt_dir):
         raise FileNotFoundError(f"{ckpt_dir}: not a megatron distributed checkpoint (no metadata.json)")
-    state = dist_checkpointing.load(
-        _sharded_state_dict(chunks, optimizer, True, None, per_rank=0 if per_rank else None), ckpt_dir)
-    for i, chunk in enumerate(chunks):
-        unwrap(chunk).load_state_dict(state.pop(_model_key(i, len(chunks))), strict=strict)
+    request = _sharded_state_dict(chunks, optimizer, True, None, per_rank=0 if per_rank else None)
+    keys = [_model_key(i, len(chunks)) for i in range(len(chunks))]
+    stored = set(load_sharded_metadata(ckpt_dir))
+    dropped = {key: _drop_missing_extra_states(request[key], stored) for key in keys}
+    state = dist_checkpointing.load(request, ckpt_dir)
+    for key, chunk in zip(keys, chunks):
+        loaded = state.pop(key)
+        # None means "no saved state" to TE's set_extra_state (fresh FP8 metadata), as it does
+        # to megatron's local linears.
+        loaded.update(dict.fromkeys(dropped[key]))
+        unwrap(chunk).load_state_dict(loaded, strict=strict)
     if optimizer is not None:
         optimizer.load_state_dict(state.pop("optimizer"))
+    state["missing_extra_state"] = sorted(set().union(*(d.values() for d in dropped.values())))
     return state
