@@ -11,8 +11,10 @@ import tempfile
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 
-def torchrun(script: str, nproc: int, args, timeout: int = 600) -> dict:
-    """Run ``script`` on ``nproc`` gloo processes; the script writes JSON to ``--out``.
+def torchrun(script: str, nproc: int, args, timeout: int = 600, env: dict = None) -> dict:
+    """Run ``script`` on ``nproc`` processes (gloo on CPU, NCCL with CUDA); the script writes
+    JSON to ``--out``. ``env``: extra environment variables (``CUDA_VISIBLE_DEVICES=""`` forces
+    a CPU run on a GPU machine).
 
     Raises AssertionError with the tail of the log if the launch fails.
     """
@@ -20,8 +22,8 @@ def torchrun(script: str, nproc: int, args, timeout: int = 600) -> dict:
         out = os.path.join(tmp, "result.json")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                os.path.join(REPO, script), *args, "--out", out]
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONPATH=REPO)
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+        full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONPATH=REPO, **(env or {}))
+        proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
         log = proc.stdout + proc.stderr
         if proc.returncode != 0 or not os.path.exists(out):
             raise AssertionError(f"{' '.join(cmd)} failed (exit {proc.returncode}):\n{log[-6000:]}")
