@@ -2,7 +2,8 @@
 
     torchrun --nproc_per_node 1 benchmarks/bench_step.py                 # CPU, one process
     torchrun --nproc_per_node 2 benchmarks/bench_step.py --tp 2          # CPU, TP=2 + SP over gloo
-    torchrun --nproc_per_node 8 benchmarks/bench_step.py --hidden 2048 --layers 8 --seq 4096   # GPU
+    torchrun --nproc_per_node 8 benchmarks/bench_step.py --hidden 2048 --layers 8 --seq 4096 --synthetic 4000  # GPU
+    torchrun --nproc_per_node 1 benchmarks/bench_step.py --precision bf16 --fp8 hybrid        # GPU, FP8 (TE)
 
 PSFT with K steps per old-policy window costs K-1 extra forward-only passes per window; with a
 forward at ~1/3 of forward+backward the expected ratio is 1 + (K-1)/(3K) (verl-style passes cost
@@ -38,12 +39,26 @@ def build(args, loss_overrides):
         f"model.data.train_ds.max_seq_length={args.seq}", "model.data.train_ds.packing=true",
         f"model.max_position_embeddings={args.seq}", f"model.global_batch_size={args.global_batch}",
         "exp_manager.create_tensorboard_logger=false", f"exp_manager.explicit_log_dir={args.log_dir}",
-        "trainer.precision=" + args.precision,
-    ] + loss_overrides
+        "trainer.precision=" + args.precision, f"model.layer_spec={args.layer_spec or 'null'}",
+    ] + (["model.fp8=" + args.fp8, "model.fp8_recipe=" + args.fp8_recipe] if args.fp8 else []) + loss_overrides
+    if args.synthetic:
+        overrides.append(f"model.data.train_ds.file_names=[{synthetic_data(args)}]")
     cfg, raw = load_run_config(os.path.join(os.path.dirname(__file__), "..", "configs"), "tiny_cpu", overrides)
     trainer = Trainer(cfg, raw)
     trainer.setup()
     return trainer
+
+
+def synthetic_data(args) -> str:
+    """``args.synthetic`` generated chat samples (30-300 words each; benchmarks/bench_data.py's
+    generator) in a JSONL file of this rank: the bundled tiny set fills only a few long rows."""
+    from benchmarks.bench_data import generate
+
+    os.makedirs(args.log_dir, exist_ok=True)
+    path = os.path.join(args.log_dir, f"synthetic_{args.synthetic}_rank{os.environ.get('RANK', '0')}.jsonl")
+    if not os.path.exists(path):
+        generate(path, args.synthetic)
+    return path
 
 
 def timed_round(trainer) -> tuple:
@@ -71,6 +86,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--precision", default="32")
     parser.add_argument("--log-dir", default="/tmp/psft_bench_step")
+    parser.add_argument("--synthetic", type=int, default=0,
+                        help="train on this many generated samples instead of the bundled tiny set (long --seq)")
+    parser.add_argument("--layer-spec", default=None, choices=["te", "local", "cpu"],
+                        help="default: the machine's (te with CUDA + TE, local with CUDA, else cpu)")
+    parser.add_argument("--fp8", default=None, choices=["e4m3", "hybrid"], help="FP8 format (needs TE and an FP8 GPU)")
+    parser.add_argument("--fp8-recipe", default="delayed", choices=["delayed", "tensorwise", "blockwise", "mxfp8"])
     args = parser.parse_args()
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // int(os.environ.get("WORLD_SIZE", "1"))))
     variants = {"sft": ["model.psft.loss=sft"],
@@ -86,6 +107,7 @@ def main() -> None:
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
         print(f"\n{device}, world {torch.distributed.get_world_size()}, TP={args.tp}, layers {args.layers}, "
               f"hidden {args.hidden}, seq {args.seq}, global batch {args.global_batch}, precision {args.precision}, "
+              f"layer spec {trainers['sft'].tm.layer_spec}, FP8 {trainers['sft'].fp8.describe()}, "
               f"{args.rounds} rounds x {args.steps} steps, load average {load:.1f}, {time.strftime('%Y-%m-%d')}")
         print("Ratios are medians of per-round ratios to the SFT round just before (wall) and of CPU time "
               "summed over ranks (robust to other tenants on a shared CPU).")
