@@ -5,7 +5,6 @@ Tolerances: bf16 keeps ~3 significant digits; over 6 Adam steps of the tiny mode
 NLL (~6 nats) of a bf16 run stays within 0.05 of the fp32 run, FP8 within 0.15.
 """
 
-import os
 import tempfile
 
 import pytest

@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from psft_megatron.config import load_run_config  # noqa: E402
 from psft_megatron.training.trainer import Trainer  # noqa: E402
 from tests.parallel.fp8_path_worker import state_differences, training_state  # noqa: E402
+from tests.parallel.launch import train_tiny  # noqa: E402
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 BASE = ["trainer.max_steps=6", "trainer.val_check_interval=0", "trainer.progress_bar=false", "trainer.devices=null",
@@ -73,12 +74,7 @@ class CheckingTrainer(Trainer):
 
 
 def run(overrides, workdir, name):
-    cfg, resolved = load_run_config(os.path.join(REPO, "configs"), "tiny_cpu",
-                                    BASE + [f"exp_manager.explicit_log_dir={os.path.join(workdir, name)}"] + overrides)
-    trainer = CheckingTrainer(cfg, resolved)
-    trainer.setup()
-    trainer.train()
-    trainer.close()
+    trainer = train_tiny(BASE + overrides, os.path.join(workdir, name), CheckingTrainer)
     return {"history": [{k: h[k] for k in ("loss", "nll", "entropy")} for h in trainer.history],
             "layer_spec": trainer.tm.layer_spec, "state_diffs": trainer.state_diffs,
             "fp8_changed": sorted(trainer.fp8_changed),

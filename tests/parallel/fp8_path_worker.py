@@ -33,9 +33,9 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
-from psft_megatron.config import load_run_config  # noqa: E402
 from psft_megatron.training import trainer as trainer_module  # noqa: E402
 from psft_megatron.training.trainer import Trainer  # noqa: E402
+from tests.parallel.launch import train_tiny  # noqa: E402
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 BASE = ["trainer.max_steps=5", "trainer.val_check_interval=0", "trainer.progress_bar=false",
@@ -169,13 +169,8 @@ class RecordingTrainer(Trainer):
 
 
 def run_trainer(overrides, workdir, name):
-    cfg, resolved = load_run_config(os.path.join(REPO, "configs"), "tiny_cpu",
-                                    BASE + [f"exp_manager.explicit_log_dir={os.path.join(workdir, name)}"] + overrides)
     RECORDER.entries.clear()
-    trainer = RecordingTrainer(cfg, resolved)
-    trainer.setup()
-    trainer.train()
-    trainer.close()
+    trainer = train_tiny(BASE + overrides, os.path.join(workdir, name), RecordingTrainer)
     live = id(trainer.tm.config)
     frozen = id(trainer.frozen[0].config) if trainer.frozen else None
     entries = [dict(e, model="live" if e["config_id"] == live else "frozen" if e["config_id"] == frozen else "?")

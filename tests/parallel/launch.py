@@ -43,3 +43,18 @@ def finish_worker() -> None:
         from psft_megatron.runtime import shutdown
 
         shutdown()
+
+
+def train_tiny(overrides, log_dir: str, cls=None):
+    """Train ``configs/tiny_cpu.yaml`` with ``overrides`` into ``log_dir`` (inside a worker);
+    ``cls``: a Trainer subclass (default Trainer). Returns the trainer, closed."""
+    from psft_megatron.config import load_run_config
+    from psft_megatron.training.trainer import Trainer
+
+    cfg, resolved = load_run_config(os.path.join(REPO, "configs"), "tiny_cpu",
+                                    list(overrides) + [f"exp_manager.explicit_log_dir={log_dir}"])
+    trainer = (cls or Trainer)(cfg, resolved)
+    trainer.setup()
+    trainer.train()
+    trainer.close()
+    return trainer

@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 from psft_megatron.config import load_run_config  # noqa: E402
 from psft_megatron.training.trainer import Trainer  # noqa: E402
+from tests.parallel.launch import train_tiny  # noqa: E402
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 BASE = ["trainer.max_steps=8", "trainer.val_check_interval=0", "trainer.progress_bar=false",
@@ -83,13 +84,7 @@ class CheckingTrainer(Trainer):
 
 
 def run(overrides, workdir, name, cls=Trainer):
-    cfg, resolved = load_run_config(os.path.join(REPO, "configs"), "tiny_cpu",
-                                    BASE + [f"exp_manager.explicit_log_dir={os.path.join(workdir, name)}"] + overrides)
-    trainer = cls(cfg, resolved)
-    trainer.setup()
-    trainer.train()
-    trainer.close()
-    return trainer
+    return train_tiny(BASE + overrides, os.path.join(workdir, name), cls)
 
 
 def main() -> None:
