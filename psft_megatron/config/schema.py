@@ -129,7 +129,7 @@ class ModelSection:
     micro_batch_size: int = 1
     global_batch_size: int = 8
     seed: int = 1234
-    layer_spec: Optional[str] = None  # te | local | cpu; None: te with CUDA+TE, else cpu
+    layer_spec: Optional[str] = None  # te | local | cpu; None: te with CUDA+TE, local with CUDA, else cpu
     restore_from_path: Optional[str] = None  # megatron checkpoint with the initial weights
     # FP8 through Transformer Engine (GPU, te layer spec); resolved by psft_megatron.model.fp8.
     fp8: Any = None  # e4m3 | hybrid | null; NeMo 1: true/false with fp8_e4m3 / fp8_hybrid
