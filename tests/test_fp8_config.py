@@ -183,3 +183,20 @@ def test_fp8_alignment_pads_every_ranks_share_of_the_sequence():
     assert required_multiple(2, 1, False, 16) == 16  # no SP: every TP rank sees the whole sequence
     assert required_multiple(2, 2, True, 32) == 128  # s / (CP * TP) per rank, a multiple of 32
     assert required_multiple(1, 2, False, 16) == 32  # 2*CP chunks, s / CP per rank
+
+
+def test_pretrain_exits_with_the_install_hint_before_distributed_start():
+    import subprocess
+    import sys
+
+    from psft_megatron.optional import is_available
+
+    if is_available("transformer_engine"):
+        pytest.skip("transformer-engine is installed here")
+    proc = subprocess.run([sys.executable, "pretrain_psft.py", "--config-name", "tiny_cpu", "model.fp8=true",
+                           "model.fp8_hybrid=true", "trainer.devices=null", "model.tensor_model_parallel_size=1"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert ("config error: model.fp8=hybrid needs Transformer Engine, which is not installed: "
+            "pip install -e '.[te]'") in proc.stderr
+    assert "Traceback" not in proc.stderr and "process group" not in proc.stderr.lower()
