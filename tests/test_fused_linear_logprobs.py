@@ -1,0 +1,177 @@
+"""Tests of psft_megatron.ops.fused_linear_logprobs: the output layer fused into the log-prob op.
+
+Single process: values and gradients (hidden and weight) against a float64 full-vocabulary
+reference ``log_softmax(h @ W^T)`` and against the unfused op on materialised logits, with
+masks, tiles that do not divide the rows or the vocabulary, both backward orders, bf16.
+Parallel layouts (TP=2/4, SP, and the megatron model at TP/SP/CP/packed/PP-tied layouts, fused
+vs unfused) run in ONE 4-process torchrun launch: tests/parallel/fused_logprobs_worker.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from psft_megatron.ops import fused_linear_logprobs, vocab_parallel_logprobs
+
+FP32_TOL = 1e-5  # values: absolute (nats); gradients: relative to the largest entry
+
+
+def make(n, hdim, v, dtype, seed, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    h = (torch.randn(n, hdim, generator=g) * scale).to(dtype)
+    w = (torch.randn(v, hdim, generator=g) * 0.5).to(dtype)
+    y = torch.randint(0, v, (n,), generator=g)
+    g_lp = torch.randn(n, generator=g)
+    g_ent = torch.randn(n, generator=g)
+    return h, w, y, g_lp, g_ent
+
+
+def reference(h, w, y, mask, g_lp, g_ent):
+    """float64 log p(y), entropy and the gradients of sum(g_lp logp + g_ent H) w.r.t. h and W.
+    The logits are rounded to the input dtype first, as the output layer's would be."""
+    hr = h.detach().double().requires_grad_(True)
+    wr = w.detach().double().requires_grad_(True)
+    z = hr @ wr.t()
+    if h.dtype != torch.float32:
+        z = z + (z.detach().to(h.dtype).double() - z.detach())  # rounded values, exact gradient
+    logsm = torch.log_softmax(z, -1)
+    v = w.shape[0]
+    valid = (y >= 0) & (y < v)
+    keep = torch.ones_like(valid) if mask is None else mask != 0
+    zero = torch.zeros((), dtype=torch.float64)
+    lp = torch.where(valid & keep, logsm.gather(1, y.clamp(0, v - 1)[:, None])[:, 0], zero)
+    ent = torch.where(keep, -(logsm.exp() * logsm).sum(-1), zero)
+    loss = (lp * g_lp.double()).sum() + (0 if g_ent is None else (ent * g_ent.double()).sum())
+    loss.backward()
+    return lp.detach(), ent.detach(), hr.grad, wr.grad
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+
+
+def run(h, w, y, g_lp, g_ent, **kw):
+    hx = h.clone().requires_grad_(True)
+    wx = w.clone().requires_grad_(True)
+    lp, ent = fused_linear_logprobs(hx, wx, y, return_entropy=True, **kw)
+    loss = (lp * g_lp).sum() + (0 if g_ent is None else (ent * g_ent).sum())
+    loss.backward()
+    return lp, ent, hx.grad, wx.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("tiles", [(7, 13), (64, 4096), (5, 300)])
+def test_values_and_grads_match_float64(dtype, masked, tiles):
+    n, hdim, v = 41, 24, 300  # neither 7 nor 5 divides 41; 13 does not divide 300
+    h, w, y, g_lp, g_ent = make(n, hdim, v, dtype, seed=1)
+    y[3] = -100  # no target
+    mask = (torch.rand(n, generator=torch.Generator().manual_seed(2)) > 0.4).float() if masked else None
+    lp, ent, dh, dw = run(h, w, y, g_lp, g_ent, mask=mask, chunk_size=tiles[0], vocab_block_size=tiles[1])
+    r_lp, r_ent, r_dh, r_dw = reference(h, w, y, mask, g_lp, g_ent)
+    assert lp.dtype == ent.dtype == torch.float32 and lp.shape == ent.shape == (n,)
+    assert (lp.double() - r_lp).abs().max() <= FP32_TOL and (ent.double() - r_ent).abs().max() <= FP32_TOL
+    assert dh.dtype == dtype and dw.dtype == dtype
+    grad_tol = FP32_TOL if dtype == torch.float32 else 1e-2  # bf16 output rounding
+    assert rel(dh, r_dh) <= grad_tol and rel(dw, r_dw) <= grad_tol, (rel(dh, r_dh), rel(dw, r_dw))
+    if masked:  # masked rows: zero outputs, zero gradient
+        off = mask == 0
+        assert lp[off].abs().max() == 0 and ent[off].abs().max() == 0 and dh[off].abs().max() == 0
+
+
+def test_equals_the_unfused_op_on_materialised_logits():
+    h, w, y, g_lp, g_ent = make(50, 32, 210, torch.float32, seed=3, scale=2.0)
+    hx, wx = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    lp_u, ent_u = vocab_parallel_logprobs(torch.nn.functional.linear(hx, wx), y, return_entropy=True)
+    ((lp_u * g_lp).sum() + (ent_u * g_ent).sum()).backward()
+    lp, ent, dh, dw = run(h, w, y, g_lp, g_ent, chunk_size=16, vocab_block_size=64)
+    assert (lp - lp_u).abs().max() <= 1e-5 and (ent - ent_u).abs().max() <= 1e-5
+    assert rel(dh, hx.grad) <= 1e-5 and rel(dw, wx.grad) <= 1e-5
+
+
+@pytest.mark.parametrize("n,v", [(60, 40), (20, 90)])  # rows > vocab: dW accumulated whole; else dh
+@pytest.mark.parametrize("which", ["both", "hidden", "weight"])
+def test_backward_orders_and_partial_grads(n, v, which):
+    h, w, y, g_lp, _ = make(n, 16, v, torch.float32, seed=4)
+    hx = h.clone().requires_grad_(which in ("both", "hidden"))
+    wx = w.clone().requires_grad_(which in ("both", "weight"))
+    lp = fused_linear_logprobs(hx, wx, y, chunk_size=7, vocab_block_size=11)
+    (lp * g_lp).sum().backward()
+    _, _, r_dh, r_dw = reference(h, w, y, None, g_lp, None)
+    if which != "weight":
+        assert rel(hx.grad, r_dh) <= FP32_TOL
+    if which != "hidden":
+        assert rel(wx.grad, r_dw) <= FP32_TOL
+    assert (hx.grad is None) == (which == "weight") and (wx.grad is None) == (which == "hidden")
+
+
+def test_entropy_only_gradient_and_no_grad_pass():
+    h, w, y, _, g_ent = make(30, 16, 100, torch.float32, seed=5)
+    hx, wx = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    _, ent = fused_linear_logprobs(hx, wx, y, return_entropy=True, chunk_size=8, vocab_block_size=32)
+    (ent * g_ent).sum().backward()
+    _, _, r_dh, r_dw = reference(h, w, y, None, torch.zeros(30), g_ent)
+    assert rel(hx.grad, r_dh) <= FP32_TOL and rel(wx.grad, r_dw) <= FP32_TOL
+    with torch.no_grad():
+        lp = fused_linear_logprobs(hx, wx, y, chunk_size=8)
+    assert not lp.requires_grad
+    assert (lp.double() - reference(h, w, y, None, torch.zeros(30), None)[0]).abs().max() <= FP32_TOL
+
+
+def test_fp16_and_large_logits_are_finite():
+    h, w, y, g_lp, g_ent = make(12, 8, 64, torch.float16, seed=6)
+    lp, ent, dh, dw = run(h, w, y, g_lp, g_ent, chunk_size=5, vocab_block_size=20)
+    r_lp, r_ent, r_dh, r_dw = reference(h, w, y, None, g_lp, g_ent)
+    assert (lp.double() - r_lp).abs().max() <= FP32_TOL and rel(dh, r_dh) <= 2e-3 and rel(dw, r_dw) <= 2e-3
+    h, w, y, g_lp, g_ent = make(12, 8, 64, torch.float32, seed=7, scale=2e3)  # logits ~1e4
+    lp, ent, dh, dw = run(h, w, y, g_lp, g_ent, chunk_size=5, vocab_block_size=20)
+    assert all(torch.isfinite(t).all() for t in (lp, ent, dh, dw))
+    r_lp = reference(h, w, y, None, g_lp, g_ent)[0]
+    assert ((lp.double() - r_lp).abs() <= 1e-6 * r_lp.abs().clamp_min(1.0)).all()
+
+
+def test_all_rows_masked_and_validation():
+    h, w, y, g_lp, g_ent = make(6, 8, 30, torch.float32, seed=8)
+    lp, ent, dh, dw = run(h, w, y, g_lp, g_ent, mask=torch.zeros(6))
+    assert lp.abs().max() == 0 and ent.abs().max() == 0 and dh.abs().max() == 0 and dw.abs().max() == 0
+    with pytest.raises(TypeError, match="dtype"):
+        fused_linear_logprobs(h, w.double(), y)
+    with pytest.raises(ValueError, match="hidden"):
+        fused_linear_logprobs(h[:, :4], w, y)
+    with pytest.raises(ValueError, match="rows"):
+        fused_linear_logprobs(h, w, y[:5])
+    with pytest.raises(ValueError, match="mask"):
+        fused_linear_logprobs(h, w, y, mask=torch.ones(5))
+    with pytest.raises(ValueError, match="chunk_size"):
+        fused_linear_logprobs(h, w, y, chunk_size=0)
+
+
+# --------------------------------------------------------------------------------------------
+# parallel layouts: ONE torchrun launch (4 processes) for the op and the model
+# --------------------------------------------------------------------------------------------
+_launch = {}
+
+
+def parallel_results() -> dict:
+    if "r" not in _launch:
+        from tests.parallel.launch import torchrun
+
+        _launch["r"] = torchrun("tests/parallel/fused_logprobs_worker.py", 4, [])
+    return _launch["r"]
+
+
+def _op_case_names():
+    from tests.parallel.fused_logprobs_worker import OP_CASES
+
+    return [case[0] for case in OP_CASES]
+
+
+@pytest.mark.parametrize("name", _op_case_names())
+def test_op_at_tp_and_sp_matches_float64(name):
+    entry = parallel_results()["op"][name]
+    assert "error" not in entry, f"{name}: {entry.get('error')}\n{entry.get('traceback')}"
+    assert entry["chunks"] >= 2, entry  # several TP exchanges of statistics per call
+    assert entry["logp"] <= FP32_TOL and entry["entropy"] <= FP32_TOL, entry
+    grad_tol = FP32_TOL if entry["dtype"] == "float32" else 1e-2
+    assert entry["grad_hidden"] <= grad_tol and entry["grad_weight"] <= grad_tol, entry
