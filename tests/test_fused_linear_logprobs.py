@@ -3,8 +3,10 @@
 Single process: values and gradients (hidden and weight) against a float64 full-vocabulary
 reference ``log_softmax(h @ W^T)`` and against the unfused op on materialised logits, with
 masks, tiles that do not divide the rows or the vocabulary, both backward orders, bf16.
-Parallel layouts (TP=2/4, SP, and the megatron model at TP/SP/CP/packed/PP-tied layouts, fused
-vs unfused) run in ONE 4-process torchrun launch: tests/parallel/fused_logprobs_worker.py.
+Parallel layouts run in ONE 4-process torchrun launch (tests/parallel/fused_logprobs_worker.py):
+the op at TP=2/4 with and without SP against the float64 reference, and the megatron model at
+TP=1/2, TP=2/4+SP, CP=2, CP=2+TP=2+SP, packed rows, tied embeddings (PP=1 and PP=2),
+PP=2+VPP=2, fused vs unfused (training step and forward-only pass).
 """
 
 from __future__ import annotations
@@ -175,3 +177,23 @@ def test_op_at_tp_and_sp_matches_float64(name):
     assert entry["logp"] <= FP32_TOL and entry["entropy"] <= FP32_TOL, entry
     grad_tol = FP32_TOL if entry["dtype"] == "float32" else 1e-2
     assert entry["grad_hidden"] <= grad_tol and entry["grad_weight"] <= grad_tol, entry
+
+
+def _model_layout_names():
+    from tests.parallel.fused_logprobs_worker import MODEL_LAYOUTS
+
+    return [layout[0] for layout in MODEL_LAYOUTS]
+
+
+@pytest.mark.parametrize("name", _model_layout_names())
+def test_model_fused_equals_unfused(name):
+    """megatron GPT at the layout: fused vs unfused log-probs, entropies, hidden-state gradients,
+    output-weight (tied embedding) and parameter gradients, and the forward-only pass."""
+    entry = parallel_results()["model"][name]
+    assert "error" not in entry, f"{name}: {entry.get('error')}\n{entry.get('traceback')}"
+    assert entry["tokens"] > 0 and entry["hidden_grads_compared"] >= 2, entry
+    assert entry["output_layer_calls_fused"] == 0 and entry["output_layer_calls_unfused"] > 0, entry  # no logits
+    for key in ("logp", "entropy", "forward_only_logp"):
+        assert entry[key] <= FP32_TOL, (key, entry)
+    for key in ("grad_hidden", "grad_output_weight", "grad_params"):
+        assert entry[key] <= FP32_TOL, (key, entry)

@@ -1,12 +1,13 @@
 """The trainer end to end (tests/parallel/trainer_worker.py, one 4-process launch):
 the same tiny PSFT run (K = 4) at TP=1, TP=2, TP=2+SP, PP=2, TP=2+PP=2 and CP=2 gives the
-same per-step metrics within 1e-5 (fp32); K = 1 trains exactly like SFT; the SFT warm-up
+same per-step metrics within 1e-5 (fp32), also with the fused output layer (TP=2+SP, TP=2+PP=2,
+CP=2); K = 1 trains exactly like SFT; the SFT warm-up
 switches to PSFT at step W."""
 
 import pytest
 
 from tests.parallel.launch import torchrun
-from tests.parallel.trainer_worker import LAYOUTS
+from tests.parallel.trainer_worker import FUSED, LAYOUTS
 
 TOLERANCE = 1e-5
 _cache = {}
@@ -35,6 +36,17 @@ def test_psft_curve_is_layout_independent(name):
         assert len(got) == len(want) == 8
         diff = max(abs(a - b) for a, b in zip(got, want))
         assert diff <= TOLERANCE, f"{name} {key}: {got} vs TP=1 {want} (diff {diff:.3g})"
+
+
+@pytest.mark.parametrize("name", list(FUSED))
+def test_fused_output_layer_trains_like_the_unfused_path(name):
+    # model.psft.fused_output_layer=true: training step, old-policy pass (and metrics) through
+    # ops.fused_linear_logprobs; the curve must equal the unfused TP=1 run's
+    for key in ("loss", "nll", "entropy", "clip_frac", "ratio_mean"):
+        got, want = series(name, key), series("tp1", key)
+        assert len(got) == len(want) == 8
+        diff = max(abs(a - b) for a, b in zip(got, want))
+        assert diff <= TOLERANCE, f"{name} {key}: {got} vs TP=1 unfused {want} (diff {diff:.3g})"
 
 
 def test_old_policy_windows():

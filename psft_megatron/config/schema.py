@@ -103,6 +103,7 @@ class PSFTSection:
     warmup_sft_steps: int = 0  # plain SFT for W steps, then PSFT
     compute_entropy: bool = True
     chunk_size: Optional[int] = None
+    fused_output_layer: bool = False  # output layer fused into the log-prob op: no logits tensor
 
 
 @dataclass

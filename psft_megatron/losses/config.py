@@ -50,6 +50,11 @@ class LossConfig:
         compute_entropy: also compute the per-token entropy (a metric, not differentiated;
             costs one extra multiply and sum per logit and a second fp32 chunk buffer in the
             forward, nothing in the backward).
+        fused_output_layer: the model's output layer runs inside the log-prob op
+            (:func:`psft_megatron.ops.fused_linear_logprobs`): no logits tensor, prompt and
+            padding rows never projected. The model is then run with
+            :meth:`PSFTLoss.model_forward`, whose output ``[b, s, 2]`` (log-prob, entropy) the
+            loss functions take instead of logits. Not with ``kl_estimator='full'``.
     """
 
     kind: str = "psft"
@@ -61,6 +66,7 @@ class LossConfig:
     agg_mode: str = "token-mean"
     chunk_size: Optional[int] = None
     compute_entropy: bool = True
+    fused_output_layer: bool = False
 
     def __post_init__(self) -> None:
         def one_of(key: str, allowed) -> None:
@@ -95,6 +101,11 @@ class LossConfig:
             raise ValueError(f"loss.chunk_size={cs!r} must be a positive int or None")
         if not isinstance(self.compute_entropy, bool):
             raise ValueError(f"loss.compute_entropy={self.compute_entropy!r} must be true or false")
+        if not isinstance(self.fused_output_layer, bool):
+            raise ValueError(f"loss.fused_output_layer={self.fused_output_layer!r} must be true or false")
+        if self.fused_output_layer and self.kind == "sft_kl" and self.kl_estimator == "full":
+            raise ValueError("loss.fused_output_layer=true cannot be used with kl_estimator='full' "
+                             "(the full KL needs both models' logits); use k1 or k3")
 
     @classmethod
     def from_dict(cls, d: Optional[Mapping[str, Any]]) -> "LossConfig":

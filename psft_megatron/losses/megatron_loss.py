@@ -2,7 +2,8 @@
 
 Contract (megatron-core 0.16, ``TransformerConfig.calculate_per_token_loss=True``): the loss
 function returned by :meth:`PSFTLoss.loss_func` maps the last pipeline stage's output (the
-vocab-parallel logits) to ``(loss_sum, normaliser, metrics)``:
+vocab-parallel logits; with ``fused_output_layer`` the ``[b, s, 2]`` log-probs and entropies of
+:meth:`PSFTLoss.model_forward`) to ``(loss_sum, normaliser, metrics)``:
 
 * ``loss_sum``: fp32 scalar, the SUM of the micro-batch's contributions. The schedule
   backpropagates it as is (times the loss scale); nothing is divided here.
@@ -26,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from psft_megatron.losses.config import LossConfig
+from psft_megatron.losses.fused_output import ENTROPY, LOGPROB, FusedLogprobProcessor
 from psft_megatron.losses.objectives import (
     dft_objective,
     importance_ratio,
@@ -123,6 +125,14 @@ class PSFTLoss:
         return output, loss.loss_func(labels, loss_mask, old_logprobs=old_lp)
 
     and after the step ``reduce_loss_metrics(losses_reduced, group=dp_cp_group)``.
+
+    With ``LossConfig(fused_output_layer=True)`` the model is run through :meth:`model_forward`
+    (the output layer fused into the log-prob op, no logits tensor) and the loss functions take
+    its ``[b, s, 2]`` output (log-prob, entropy) in place of the logits::
+
+        output = loss.model_forward(model, tokens, position_ids, attention_mask,
+                                    labels=labels, loss_mask=loss_mask)
+        return output, loss.loss_func(labels, loss_mask, old_logprobs=old_lp)
     """
 
     def __init__(self, config: Union[LossConfig, Mapping[str, Any], None] = None):
@@ -131,6 +141,62 @@ class PSFTLoss:
         elif not isinstance(config, LossConfig):
             config = LossConfig.from_dict(config)
         self.config = config
+
+    # ----------------------------------------------------------------------------------------
+    def model_forward(
+        self,
+        model,
+        tokens: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        *,
+        labels: torch.Tensor,
+        loss_mask: Optional[torch.Tensor] = None,
+        seq_ids: Optional[torch.Tensor] = None,
+        packed_seq_params=None,
+        return_entropy: Optional[bool] = None,
+        tp_group=None,
+        **model_kwargs,
+    ) -> torch.Tensor:
+        """Run a megatron ``GPTModel`` (possibly wrapped in DDP / Float16Module) for this loss.
+
+        Without ``fused_output_layer``: ``model(tokens, position_ids, attention_mask, ...)``, the
+        logits ``[b, s, V/tp]`` on the last pipeline stage. With it: the output layer is fused
+        into :func:`psft_megatron.ops.fused_linear_logprobs` (megatron's output-processor hook,
+        ``psft_megatron.megatron_compat``): the last stage returns fp32 ``[b, s, 2]`` - log p of
+        ``labels`` and the entropy (0 unless ``return_entropy``, default ``compute_entropy``) -
+        and rows with ``loss_mask == 0`` (or ``seq_ids < 0``) are never projected (0 there).
+        Other stages return their hidden states either way. ``model_kwargs`` go to the model
+        call (e.g. ``fp32_output`` of Float16Module).
+        """
+        if packed_seq_params is not None:
+            model_kwargs["packed_seq_params"] = packed_seq_params
+        if not self.config.fused_output_layer:
+            return model(tokens, position_ids, attention_mask, **model_kwargs)
+        from psft_megatron.megatron_compat import forward_with_output_processor
+
+        mask = None
+        if loss_mask is not None:
+            mask = loss_mask != 0
+            if seq_ids is not None:
+                mask = mask & (seq_ids >= 0)
+        want_h = self.config.compute_entropy if return_entropy is None else bool(return_entropy)
+        processor = FusedLogprobProcessor(labels, mask, return_entropy=want_h, chunk_size=self.config.chunk_size,
+                                          tp_group=tp_group)
+        return forward_with_output_processor(model, tokens, position_ids, attention_mask,
+                                             output_processor=processor, **model_kwargs)
+
+    def _logprobs_of(self, output: torch.Tensor, labels: torch.Tensor, *, tp_group, want_h: bool):
+        """``(logp, entropy or None)`` of ``labels`` from the model output: vocab-parallel logits,
+        or the ``[b, s, 2]`` of :meth:`model_forward` with ``fused_output_layer``."""
+        if self.config.fused_output_layer:
+            if tuple(output.shape) != tuple(labels.shape) + (2,):
+                raise ValueError(f"fused_output_layer: expected the [b, s, 2] output of PSFTLoss.model_forward "
+                                 f"for labels {tuple(labels.shape)}, got {tuple(output.shape)}")
+            return output[..., LOGPROB], (output[..., ENTROPY] if want_h else None)
+        out = vocab_parallel_logprobs(output, labels, tp_group=tp_group, return_entropy=want_h,
+                                      chunk_size=self.config.chunk_size)
+        return out if want_h else (out, None)
 
     # ----------------------------------------------------------------------------------------
     def loss_func(
@@ -199,21 +265,15 @@ class PSFTLoss:
         cp_group=None,
         tp_group=None,
     ) -> LossOutput:
-        """The body of :meth:`loss_func` (callable directly, e.g. in tests)."""
+        """The body of :meth:`loss_func` (callable directly, e.g. in tests). ``logits``: the model
+        output (``[b, s, 2]`` from :meth:`model_forward` with ``fused_output_layer``)."""
         cfg = self.config
         if tuple(logits.shape[:-1]) != tuple(labels.shape):
             raise ValueError(
                 f"logits shape {tuple(logits.shape)} does not match labels shape {tuple(labels.shape)}; "
                 "expected logits [b, s, V/tp] (GPTModel output without labels)"
             )
-        out = vocab_parallel_logprobs(
-            logits,
-            labels,
-            tp_group=tp_group,
-            return_entropy=cfg.compute_entropy,
-            chunk_size=cfg.chunk_size,
-        )
-        logp, entropy = out if cfg.compute_entropy else (out, None)
+        logp, entropy = self._logprobs_of(logits, labels, tp_group=tp_group, want_h=cfg.compute_entropy)
 
         mask = loss_mask != 0
         if seq_ids is not None:
@@ -296,16 +356,14 @@ class PSFTLoss:
         Returns ``f(output_tensor) -> (zero, int 0, {'logprobs': [b, s] fp32,
         'entropy': [b, s] fp32 (if requested)})``, all detached; use it with
         ``forward_backward_func(..., forward_only=True)`` and read the dicts it returns.
+        With ``fused_output_layer`` the output is :meth:`model_forward`'s (run it with the same
+        ``return_entropy``); rows outside its ``loss_mask`` then hold 0.
         """
         want_h = self.config.compute_entropy if return_entropy is None else bool(return_entropy)
-        chunk = self.config.chunk_size
 
         def _collect(output_tensor: torch.Tensor) -> LossOutput:
             with torch.no_grad():
-                out = vocab_parallel_logprobs(
-                    output_tensor, labels, tp_group=tp_group, return_entropy=want_h, chunk_size=chunk
-                )
-            logp, ent = out if want_h else (out, None)
+                logp, ent = self._logprobs_of(output_tensor, labels, tp_group=tp_group, want_h=want_h)
             res = {"logprobs": logp.detach()}
             if ent is not None:
                 res["entropy"] = ent.detach()

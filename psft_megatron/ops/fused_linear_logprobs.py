@@ -307,7 +307,9 @@ class _FusedLinearLogprobs(torch.autograd.Function):
                 dh_all.index_copy_(0, sel[a:b], val)
 
         if rows_outside:
-            dw_acc = torch.zeros((vt, hdim), **f32) if need_dw else None
+            # fp32 weights: the gradient itself is the accumulator
+            dw_acc = (torch.zeros((vt, hdim), **f32) if weight.dtype != torch.float32 else torch.zeros_like(weight)
+                      ) if need_dw else None
             dh_acc = torch.empty((rows, hdim), **f32)
             for a in range(0, n_sel, rows):
                 b = min(n_sel, a + rows)
@@ -325,7 +327,8 @@ class _FusedLinearLogprobs(torch.autograd.Function):
                 dw = dw_acc.to(weight.dtype)
                 del dw_acc
         else:
-            dh_acc = torch.zeros((n_sel, hdim), **f32) if need_dh else None
+            in_place = need_dh and sel is None and h_all.dtype == torch.float32  # dh itself accumulates
+            dh_acc = dh_all if in_place else (torch.zeros((n_sel, hdim), **f32) if need_dh else None)
             dw = torch.empty_like(weight) if need_dw else None
             dw_blk = torch.empty((block, hdim), **f32) if need_dw else None
             for v0 in range(0, vt, block):
@@ -342,7 +345,7 @@ class _FusedLinearLogprobs(torch.autograd.Function):
                         tiles.acc(wacc, d.t(), h)
                 if need_dw:
                     dw[v0:v1] = wacc
-            if need_dh:
+            if need_dh and not in_place:
                 for a in range(0, n_sel, rows):
                     store_dh(a, min(n_sel, a + rows), dh_acc[a : min(n_sel, a + rows)])
                 del dh_acc

@@ -29,8 +29,16 @@ def slice_for_context_parallel(micro: Dict[str, object]) -> Dict[str, object]:
     return dict(micro, **sliced)
 
 
-def model_forward(model, micro: Dict[str, object]) -> torch.Tensor:
-    """GPTModel forward without labels: this stage's output (logits [b, s, V/tp] on the last)."""
+def model_forward(model, micro: Dict[str, object], loss=None, *, return_entropy=None) -> torch.Tensor:
+    """GPTModel forward without labels: this stage's output (logits [b, s, V/tp] on the last).
+
+    With ``loss`` (a PSFTLoss) configured with ``fused_output_layer``: the output layer runs
+    inside the log-prob op and the last stage returns fp32 [b, s, 2] (log-prob, entropy) of the
+    micro-batch's labels instead, loss-masked rows not projected (``PSFTLoss.model_forward``)."""
+    if loss is not None and loss.config.fused_output_layer:
+        return loss.model_forward(model, micro["tokens"], micro["position_ids"], None, labels=micro["labels"],
+                                  loss_mask=micro["loss_mask"], seq_ids=_seq_ids(micro),
+                                  packed_seq_params=micro.get("packed_seq_params"), return_entropy=return_entropy)
     return model(micro["tokens"], micro["position_ids"], None, packed_seq_params=micro.get("packed_seq_params"))
 
 
@@ -45,7 +53,7 @@ def make_train_forward_step(loss):
 
     def forward_step(data_iterator, model):
         micro = next(data_iterator)
-        output = model_forward(model, micro)
+        output = model_forward(model, micro, loss)
         return output, loss.loss_func(micro["labels"], micro["loss_mask"], old_logprobs=micro.get("old_logprobs"),
                                       ref=micro.get("ref_logprobs"), seq_ids=_seq_ids(micro))
 
@@ -85,7 +93,8 @@ def attach_logprobs(chunks: List, micros: List[Dict[str, object]], loss, key: st
 
     def forward_step(data_iterator, model):
         micro = next(data_iterator)
-        return model_forward(model, micro), loss.logprob_func(micro["labels"], return_entropy=False)
+        return model_forward(model, micro, loss, return_entropy=False), loss.logprob_func(micro["labels"],
+                                                                                         return_entropy=False)
 
     results = forward_only(chunks, micros, forward_step, seq_length=seq_length)
     for micro, result in zip(micros, results):

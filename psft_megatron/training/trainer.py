@@ -195,7 +195,8 @@ class Trainer:
             print(f"model: layer spec {self.tm.layer_spec}, FP8 {self.fp8.describe()}", flush=True)
 
         psft = m.psft
-        common = dict(agg_mode=psft.agg_mode, compute_entropy=psft.compute_entropy, chunk_size=psft.chunk_size)
+        common = dict(agg_mode=psft.agg_mode, compute_entropy=psft.compute_entropy, chunk_size=psft.chunk_size,
+                      fused_output_layer=psft.fused_output_layer)
         self.loss = PSFTLoss(LossConfig(kind=psft.loss, clip_eps_low=psft.clip_eps_low,
                                         clip_eps_high=psft.clip_eps_high, kl_coef=psft.kl_coef,
                                         kl_estimator=psft.kl_estimator, **common))

@@ -1,4 +1,5 @@
-"""Trainer parity worker: the same tiny PSFT run (K = 4) at several layouts in ONE launch.
+"""Trainer parity worker: the same tiny PSFT run (K = 4) at several layouts in ONE launch
+(also with the fused output layer at TP=2+SP, TP=2+PP=2 and CP=2).
 
     torchrun --nproc_per_node 4 tests/parallel/trainer_worker.py --out /tmp/t.json
 
@@ -39,6 +40,12 @@ LAYOUTS = {
     "pp2": ["model.tensor_model_parallel_size=1", "model.sequence_parallel=false", "model.pipeline_model_parallel_size=2"],
     "tp2_pp2": ["model.tensor_model_parallel_size=2", "model.pipeline_model_parallel_size=2"],
     "cp2": ["model.tensor_model_parallel_size=1", "model.sequence_parallel=false", "model.context_parallel_size=2"],
+}
+# the output layer fused into the log-prob op (model.psft.fused_output_layer): compared with "tp1"
+FUSED = {
+    "fused_tp2_sp": LAYOUTS["tp2_sp"],
+    "fused_tp2_pp2": LAYOUTS["tp2_pp2"],
+    "fused_cp2": LAYOUTS["cp2"],
 }
 # variants at TP=2+SP
 VARIANTS = {
@@ -105,7 +112,9 @@ def main() -> None:
     restore = [f"model.restore_from_path={weights}"]
 
     results = {}
-    for name, overrides in list(LAYOUTS.items()) + [(n, LAYOUTS["tp2_sp"] + o) for n, o in VARIANTS.items()]:
+    runs = list(LAYOUTS.items()) + [(n, LAYOUTS["tp2_sp"] + o) for n, o in VARIANTS.items()]
+    runs += [(n, o + ["model.psft.fused_output_layer=true"]) for n, o in FUSED.items()]
+    for name, overrides in runs:
         try:
             checking = name in ("tp2_pp2", "cp2")
             trainer = run(restore + overrides, workdir, name, CheckingTrainer if checking else Trainer)

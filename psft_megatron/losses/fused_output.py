@@ -1,0 +1,72 @@
+"""The output layer fused into the log-prob op, as a GPTModel output processor.
+
+:class:`FusedLogprobProcessor` has the signature of megatron-core's GPTModel output-processor
+hook (``psft_megatron.megatron_compat.forward_with_output_processor`` provides it on every
+supported release): it receives the decoder's final hidden states and the output layer, and
+returns the per-token log-probs of the labels and the entropies, computed by
+:func:`psft_megatron.ops.fused_linear_logprobs` without any logits tensor.
+
+Output: fp32 ``[b, s, 2]`` - ``[..., 0]`` log p(label), ``[..., 1]`` entropy (0 when not
+computed) - for the micro-batch's ``labels [b, s]`` (this CP rank's share). Rows whose mask
+is 0 (prompt, padding) are never projected: both values are 0 there.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from psft_megatron.ops import fused_linear_logprobs
+
+__all__ = ["FusedLogprobProcessor", "LOGPROB", "ENTROPY"]
+
+#: positions in the last dimension of the processor's output
+LOGPROB, ENTROPY = 0, 1
+
+
+class FusedLogprobProcessor:
+    """Output processor: hidden states ``[s, b, h]`` -> fp32 ``[b, s, 2]`` (log p, entropy).
+
+    Args:
+        labels: int ``[b, s]`` global vocabulary ids (``s`` = the full local sequence; under
+            sequence parallelism the hidden states hold ``s / tp`` of it).
+        mask: optional ``[b, s]``; rows with ``mask == 0`` are not projected.
+        return_entropy: compute the entropy (else channel 1 is 0).
+        chunk_size: rows per chunk of the op (``None``: its default).
+        tp_group: the TP group (``None``: the output layer's).
+    """
+
+    def __init__(self, labels: torch.Tensor, mask: Optional[torch.Tensor] = None, *, return_entropy: bool = True,
+                 chunk_size: Optional[int] = None, tp_group=None):
+        if mask is not None and tuple(mask.shape) != tuple(labels.shape):
+            raise ValueError(f"mask shape {tuple(mask.shape)} must equal labels shape {tuple(labels.shape)}")
+        self.labels = labels
+        self.mask = mask
+        self.return_entropy = bool(return_entropy)
+        self.chunk_size = chunk_size
+        self.tp_group = tp_group
+
+    def __call__(self, *, hidden_states: torch.Tensor, output_layer, output_weight=None, config=None,
+                 **unused) -> torch.Tensor:
+        if getattr(output_layer, "bias", None) is not None:
+            raise NotImplementedError("the fused output layer supports output layers without bias")
+        if config is not None and getattr(config, "use_mup", False):
+            raise NotImplementedError("the fused output layer does not apply muP's logit scaling")
+        weight = output_weight if output_weight is not None else output_layer.weight
+        sequence_parallel = bool(getattr(output_layer, "sequence_parallel", False))
+        group = self.tp_group if self.tp_group is not None else getattr(output_layer, "tp_group", None)
+        s_local, b, h = hidden_states.shape
+        b_lab, s = self.labels.shape
+        if b_lab != b:
+            raise ValueError(f"labels [b={b_lab}, s={s}] do not match hidden states [s, b={b}, h]")
+        rows = hidden_states.reshape(s_local * b, h)
+        if rows.dtype != weight.dtype:  # e.g. fp32 hidden states from Float16Module(fp32_output)
+            rows = rows.to(weight.dtype)
+        # megatron's rows are [s, b] flattened (sequence first); labels are [b, s]
+        labels = self.labels.t().reshape(-1)
+        mask = None if self.mask is None else self.mask.t().reshape(-1)
+        out = fused_linear_logprobs(rows, weight, labels, tp_group=group, sequence_parallel=sequence_parallel,
+                                    mask=mask, return_entropy=self.return_entropy, chunk_size=self.chunk_size)
+        logp, ent = out if self.return_entropy else (out, torch.zeros_like(out))
+        return torch.stack([logp, ent], dim=-1).view(s, b, 2).transpose(0, 1).contiguous()
