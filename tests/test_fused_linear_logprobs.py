@@ -197,3 +197,159 @@ def test_model_fused_equals_unfused(name):
         assert entry[key] <= FP32_TOL, (key, entry)
     for key in ("grad_hidden", "grad_output_weight", "grad_params"):
         assert entry[key] <= FP32_TOL, (key, entry)
+
+
+# --------------------------------------------------------------------------------------------
+# the output-processor bridge (psft_megatron.megatron_compat), on stand-in models
+# --------------------------------------------------------------------------------------------
+class _StubOutputLayer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(10, 4))
+        self.bias = None
+
+    def forward(self, *args, **kwargs):  # pragma: no cover - must never run
+        raise AssertionError("the output layer ran")
+
+
+class _StubGPT016(torch.nn.Module):
+    """GPTModel.forward of 0.16 in miniature: hidden states, then the output layer if post_process."""
+
+    def __init__(self, post_process=True, tied=False):
+        super().__init__()
+        self.post_process, self.share_embeddings_and_output_weights = post_process, tied
+        self.output_layer = _StubOutputLayer()
+        self.embedding_weight = torch.nn.Parameter(torch.randn(10, 4))
+        self.config = type("Cfg", (), {"mtp_num_layers": None})()
+
+    def shared_embedding_or_output_weight(self):
+        return self.embedding_weight
+
+    def compute_language_model_loss(self, labels, logits):  # pragma: no cover
+        raise AssertionError
+
+    def forward(self, input_ids, position_ids, attention_mask, packed_seq_params=None):
+        hidden = torch.ones(input_ids.shape[1], input_ids.shape[0], 4)  # [s, b, h]
+        return self.output_layer(hidden) if self.post_process else hidden
+
+
+class _Wrapper(torch.nn.Module):  # DDP / Float16Module: forward delegates to .module
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+def test_bridge_on_a_release_without_the_hook():
+    from psft_megatron.megatron_compat import forward_with_output_processor, has_output_processor
+
+    seen = {}
+
+    def processor(**kw):
+        seen.update(kw)
+        return "processed"
+
+    tokens = torch.zeros(2, 3, dtype=torch.long)
+    for tied in (False, True):
+        gpt = _StubGPT016(tied=tied)
+        model = _Wrapper(gpt)
+        assert not has_output_processor(model)
+        out = forward_with_output_processor(model, tokens, tokens, None, output_processor=processor,
+                                            output_processor_context="ctx", packed_seq_params="psp")
+        assert out == "processed" and gpt.post_process  # restored
+        assert seen["hidden_states"].shape == (3, 2, 4) and seen["output_layer"] is gpt.output_layer
+        assert seen["output_weight"] is (gpt.embedding_weight if tied else None)
+        assert seen["context"] == "ctx" and seen["packed_seq_params"] == "psp"
+    # not the last stage: the hidden states, no processor
+    out = forward_with_output_processor(_Wrapper(_StubGPT016(post_process=False)), tokens, tokens, None,
+                                        output_processor=processor)
+    assert out.shape == (3, 2, 4)
+
+
+def test_bridge_uses_the_native_hook_when_present():
+    from psft_megatron.megatron_compat import forward_with_output_processor, has_output_processor
+
+    class GPT019(_StubGPT016):
+        def forward(self, input_ids, position_ids, attention_mask, packed_seq_params=None, *,
+                    output_processor=None, output_processor_context=None):
+            hidden = torch.ones(input_ids.shape[1], input_ids.shape[0], 4)
+            return output_processor(hidden_states=hidden, output_layer=self.output_layer, output_weight=None,
+                                    context=output_processor_context)
+
+    model = _Wrapper(GPT019())
+    assert has_output_processor(model)
+    out = forward_with_output_processor(model, torch.zeros(2, 3, dtype=torch.long), None, None,
+                                        output_processor=lambda **kw: kw["context"], output_processor_context=7)
+    assert out == 7
+
+
+def test_processor_layout_matches_the_op_on_rows():
+    """[s, b, h] hidden states and [b, s] labels/mask -> [b, s, 2], rows in megatron's order."""
+    from psft_megatron.losses.fused_output import FusedLogprobProcessor
+
+    s, b, hd, v = 5, 3, 8, 40
+    g = torch.Generator().manual_seed(11)
+    hidden = torch.randn(s, b, hd, generator=g)
+    layer = _StubOutputLayer()
+    layer.weight = torch.nn.Parameter(torch.randn(v, hd, generator=g))
+    labels = torch.randint(0, v, (b, s), generator=g)
+    mask = torch.rand(b, s, generator=g) > 0.3
+    out = FusedLogprobProcessor(labels, mask)(hidden_states=hidden, output_layer=layer)
+    assert out.shape == (b, s, 2) and out.dtype == torch.float32
+    logsm = torch.log_softmax(hidden.transpose(0, 1) @ layer.weight.detach().t(), -1)  # [b, s, V]
+    ref_lp = logsm.gather(-1, labels[..., None])[..., 0]
+    ref_h = -(logsm.exp() * logsm).sum(-1)
+    zero = torch.zeros(())
+    assert (out[..., 0] - torch.where(mask, ref_lp, zero)).abs().max() <= FP32_TOL
+    assert (out[..., 1] - torch.where(mask, ref_h, zero)).abs().max() <= FP32_TOL
+
+
+def test_loss_functions_take_the_fused_output():
+    """PSFTLoss(fused_output_layer=True): loss_func / logprob_func read [b, s, 2] and give what
+    the unfused loss gives on the logits; bad shapes and kl_estimator='full' are refused."""
+    from psft_megatron.losses import LossConfig, PSFTLoss
+    from psft_megatron.losses.fused_output import FusedLogprobProcessor
+
+    b, s, hd, v = 2, 6, 8, 30
+    g = torch.Generator().manual_seed(12)
+    hidden = torch.randn(s, b, hd, generator=g)
+    layer = _StubOutputLayer()
+    layer.weight = torch.nn.Parameter(torch.randn(v, hd, generator=g))
+    labels = torch.randint(0, v, (b, s), generator=g)
+    mask = (torch.rand(b, s, generator=g) > 0.3).float()
+    old = -3.0 - torch.rand(b, s, generator=g)
+    plain, fused = PSFTLoss(LossConfig()), PSFTLoss(LossConfig(fused_output_layer=True))
+    logits = (hidden.transpose(0, 1) @ layer.weight.t()).detach().requires_grad_(True)
+    want = plain.loss_func(labels, mask, old_logprobs=old)(logits)
+    out = FusedLogprobProcessor(labels, mask)(hidden_states=hidden, output_layer=layer)
+    got = fused.loss_func(labels, mask, old_logprobs=old)(out)
+    assert abs(got[0].item() - want[0].item()) <= FP32_TOL and int(got[1]) == int(want[1])
+    for key in ("nll", "entropy", "clip_frac", "ratio_mean"):
+        assert (got[2][key] - want[2][key]).abs().max() <= FP32_TOL, key
+    got[0].backward()
+    want[0].backward()
+    assert rel(layer.weight.grad, (logits.grad.reshape(-1, v).t() @ hidden.transpose(0, 1).reshape(-1, hd))) <= FP32_TOL
+    lp = fused.logprob_func(labels, return_entropy=False)(out.detach())[2]["logprobs"]
+    assert (lp - torch.where(mask != 0, plain.logprob_func(labels)(logits)[2]["logprobs"], torch.zeros(()))
+            ).abs().max() <= FP32_TOL
+    with pytest.raises(ValueError, match="fused_output_layer"):
+        fused.loss_func(labels, mask)(logits)
+    with pytest.raises(ValueError, match="fused_output_layer"):
+        LossConfig(kind="sft_kl", kl_estimator="full", fused_output_layer=True)
+
+
+def test_config_key():
+    import os
+
+    from psft_megatron.config import load_run_config
+    from psft_megatron.config.loader import ConfigError
+    from tests.parallel.launch import REPO
+
+    configs = os.path.join(REPO, "configs")
+    cfg, _ = load_run_config(configs, "tiny_cpu", ["model.psft.fused_output_layer=true"])
+    assert cfg.model.psft.fused_output_layer is True
+    assert load_run_config(configs, "tiny_cpu", [])[0].model.psft.fused_output_layer is False
+    with pytest.raises(ConfigError, match="model.psft.fused_output_layer must be true or false"):
+        load_run_config(configs, "tiny_cpu", ["model.psft.fused_output_layer=3"])
