@@ -30,7 +30,8 @@ of s = ``packed_row_length(max_seq_length, multiple)`` positions)::
     packed_seq_params PackedSeqParams(qkv_format='thd', cu_seqlens_q = cu_seqlens_kv = cu_seqlens,
                                     cu_seqlens_q/kv_padded (only when segment_multiple > 1: each
                                     sample padded to a multiple of 2*CP), max_seqlen_q/kv = the
-                                    longest segment)
+                                    longest segment; plus segment_bounds = cu_seqlens as host
+                                    ints, see packed_seq_params_class)
 
 ``max_seqlen`` is the true longest segment, not s: megatron sizes the RoPE table with it and
 restarts RoPE positions at every cu_seqlens boundary. Both layouts also carry
@@ -39,6 +40,8 @@ restarts RoPE positions at every cu_seqlens boundary. Both layouts also carry
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
@@ -83,8 +86,6 @@ def collate_unpacked(samples: Sequence[SampleArrays], pad_id: int, multiple: int
 def collate_packed(samples: Sequence[SampleArrays], row_length: int, pad_id: int, segment_multiple: int = 1,
                    sample_index: Optional[Sequence[int]] = None) -> Dict[str, object]:
     """k samples -> one packed [1, row_length] row with THD metadata (module docstring)."""
-    from megatron.core.packed_seq_params import PackedSeqParams
-
     s = row_length
     tokens = np.full(s, pad_id, dtype=np.int64)
     labels = np.full(s, pad_id, dtype=np.int64)
@@ -113,7 +114,8 @@ def collate_packed(samples: Sequence[SampleArrays], row_length: int, pad_id: int
     seglens = (cu_p[1:] - cu_p[:-1])
     max_len = int(seglens.max())
     use_padded = segment_multiple > 1
-    params = PackedSeqParams(
+    params = packed_seq_params_class()(
+        segment_bounds=tuple(cu_padded if use_padded else cu),
         qkv_format="thd",
         cu_seqlens_q=cu_t, cu_seqlens_kv=cu_t,
         cu_seqlens_q_padded=cu_p if use_padded else None,
@@ -130,6 +132,21 @@ def collate_packed(samples: Sequence[SampleArrays], row_length: int, pad_id: int
         "sample_index": torch.tensor(list(sample_index) if sample_index is not None else [-1] * k,
                                      dtype=torch.int64),
     }
+
+
+@functools.lru_cache(maxsize=None)
+def packed_seq_params_class():
+    """megatron's ``PackedSeqParams`` with one more field, ``segment_bounds``: the segment
+    boundaries of the row (the ``cu_seqlens`` attention uses) as host integers. They are known
+    when the row is packed, so attention kernels that need them on the host (one SDPA call per
+    segment, :mod:`psft_megatron.model.local_attention`) never read them back from the device."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    @dataclasses.dataclass
+    class PackedSeqParamsWithBounds(PackedSeqParams):
+        segment_bounds: Tuple[int, ...] = ()
+
+    return PackedSeqParamsWithBounds
 
 
 def per_sample_sum(values: torch.Tensor, seq_ids: torch.Tensor, num_samples: int) -> torch.Tensor:

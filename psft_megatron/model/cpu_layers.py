@@ -35,9 +35,12 @@ class _ParallelNorm(torch.nn.Module):
         super().__init__()
         self.eps = eps
         self.normalized_shape = (hidden_size,)
-        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        # where megatron's own modules put their parameters
+        device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype, device=device))
         self.bias = (
-            torch.nn.Parameter(torch.zeros(hidden_size, dtype=config.params_dtype)) if self.has_bias else None
+            torch.nn.Parameter(torch.zeros(hidden_size, dtype=config.params_dtype, device=device))
+            if self.has_bias else None
         )
         for param in self.parameters():
             setattr(param, "sequence_parallel", config.sequence_parallel)
@@ -149,19 +152,24 @@ class SDPACoreAttention(MegatronModule):
                 [load_balanced_positions(local_len, cp_size, r, query.device) for r in range(cp_size)]
             )
             mask = k_pos[None, :] <= q_pos[:, None]  # [sq, sk], True = attend
-        heads, groups = query.shape[2], key.shape[2]
-        if heads != groups:
-            key = key.repeat_interleave(heads // groups, dim=2)
-            value = value.repeat_interleave(heads // groups, dim=2)
         # [s, b, n, d] -> [b, n, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        out = self._attend(q, k, v, mask)
+        sq, b, heads = query.shape[0], query.shape[1], query.shape[2]
+        return out.permute(2, 0, 1, 3).reshape(sq, b, heads * query.shape[3])
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """SDPA on q [b, np, sq, d], k/v [b, ng, sk, d] (GQA: np % ng == 0); ``mask`` [sq, sk]
+        (True = attend) or None for causal. Here K/V are repeated to np heads (the reference)."""
+        heads, groups = q.shape[1], k.shape[1]
+        if heads != groups:
+            k = k.repeat_interleave(heads // groups, dim=1)
+            v = v.repeat_interleave(heads // groups, dim=1)
         dropout_p = self.dropout_p if self.training else 0.0
         with get_cuda_rng_tracker().fork() if dropout_p > 0 else contextlib.nullcontext():
-            out = F.scaled_dot_product_attention(
+            return F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None, scale=self.softmax_scale
             )
-        sq, b = query.shape[0], query.shape[1]
-        return out.permute(2, 0, 1, 3).reshape(sq, b, heads * query.shape[3])
 
     def _forward_thd(self, query, key, value, packed_seq_params) -> torch.Tensor:
         """THD (packed) attention: block-diagonal causal mask from the cu_seqlens boundaries."""
@@ -179,6 +187,11 @@ class SDPACoreAttention(MegatronModule):
             if query.shape[1] != 1:
                 raise ValueError(f"THD attention needs batch size 1, got query {tuple(query.shape)}")
             query, key, value = query.squeeze(1), key.squeeze(1), value.squeeze(1)
+        return self._thd(query, key, value, packed_seq_params)
+
+    def _thd(self, query, key, value, packed_seq_params) -> torch.Tensor:
+        """query [t, np, hn], key/value [t, ng, hn] -> [t, np * hn]. The reference: one SDPA over
+        the whole row with a dense block-diagonal causal [t, t] mask."""
         cu = packed_seq_params.cu_seqlens_q_padded
         if cu is None:
             cu = packed_seq_params.cu_seqlens_q
@@ -192,15 +205,7 @@ class SDPACoreAttention(MegatronModule):
         segment = torch.repeat_interleave(torch.arange(lengths.numel(), device=query.device), lengths)
         pos = torch.arange(t, device=query.device)
         mask = (segment[None, :] == segment[:, None]) & (pos[None, :] <= pos[:, None])  # [t, t]
-        heads, groups = query.shape[1], key.shape[1]
-        if heads != groups:
-            key = key.repeat_interleave(heads // groups, dim=1)
-            value = value.repeat_interleave(heads // groups, dim=1)
         # [t, n, d] -> [1, n, t, d]
         q, k, v = (x.permute(1, 0, 2).unsqueeze(0) for x in (query, key, value))
-        dropout_p = self.dropout_p if self.training else 0.0
-        with get_cuda_rng_tracker().fork() if dropout_p > 0 else contextlib.nullcontext():
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=False, scale=self.softmax_scale
-            )
-        return out.squeeze(0).permute(1, 0, 2).reshape(t, heads * query.shape[2])
+        out = self._attend(q, k, v, mask)
+        return out.squeeze(0).permute(1, 0, 2).reshape(t, query.shape[1] * query.shape[2])

@@ -9,9 +9,12 @@
   the SP-capable norms of :mod:`psft_megatron.model.cpu_layers` - on apex's fused kernels when
   apex is installed - and the core attention (megatron's ``DotProductAttention`` refuses
   context parallelism and packed sequences and materialises the score matrix) is
-  :class:`psft_megatron.model.cpu_layers.SDPACoreAttention` (PyTorch's flash / memory-efficient
-  kernels on CUDA).
-- ``cpu``: the same modules as ``local`` with every fusion off: the plain-torch reference.
+  :class:`psft_megatron.model.local_attention.LocalCoreAttention` (PyTorch's flash /
+  memory-efficient SDPA kernels with GQA inside, packed rows per segment or through flash-attn's
+  varlen kernel, no host syncs).
+- ``cpu``: the same modules with every fusion off and the reference attention
+  (:class:`psft_megatron.model.cpu_layers.SDPACoreAttention`: K/V repeated for GQA, a dense
+  block-diagonal mask for packed rows): the plain-torch reference.
 
 Which fusions are on is decided in :mod:`psft_megatron.model.fusions`. Checkpoint keys are the
 TE spec's for all three (the local spec's ``sharded_state_dict_keys_map``), so a checkpoint
@@ -64,10 +67,8 @@ def norm_class(normalization: str, apex: bool = False) -> type:
     return torch_norm_class(normalization)  # raises naming the valid values
 
 
-def _local_layer_spec(config, norm):
+def _local_layer_spec(config, norm, core_attention):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-
-    from psft_megatron.model.cpu_layers import SDPACoreAttention
 
     # Built with LayerNorm so that megatron's torch-norm wrapper is not asked about SP here;
     # every norm is replaced below.
@@ -76,7 +77,7 @@ def _local_layer_spec(config, norm):
     layer.input_layernorm = norm
     layer.pre_mlp_layernorm = norm
     attention = layer.self_attention.submodules
-    attention.core_attention = SDPACoreAttention
+    attention.core_attention = core_attention
     if config.qk_layernorm:
         attention.q_layernorm = norm
         attention.k_layernorm = norm
@@ -104,7 +105,11 @@ def build_block_spec(name: str, config, vp_stage=None, kernels: Optional[Kernels
     if name in ("local", "cpu"):
         apex = name == "local" and (kernels or Kernels.detect()).apex_norm
         norm = norm_class(config.normalization, apex=apex)
-        layer = _local_layer_spec(config, norm)
+        if name == "local":
+            from psft_megatron.model.local_attention import LocalCoreAttention as core_attention
+        else:
+            from psft_megatron.model.cpu_layers import SDPACoreAttention as core_attention
+        layer = _local_layer_spec(config, norm, core_attention)
         return TransformerBlockSubmodules(
             layer_specs=[layer] * get_num_layers_to_build(config, vp_stage=vp_stage), layer_norm=norm
         )
