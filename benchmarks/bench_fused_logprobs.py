@@ -15,6 +15,8 @@ Same inputs for every variant (``hidden [tokens, h]``, this rank's output weight
 * ``gemm``       - the output layer's forward alone (one ``[tokens, h] x [h, V/tp]`` GEMM): the
   unit of the time breakdown (fwd+bwd: unfused = 3 GEMMs + op, fused = 4 GEMMs + tiles).
 
+Times are wall-clock (best of ``--repeats``) and, beside them, the process's CPU time (all its
+threads; the slowest rank under TP), which moves less when other jobs share the machine.
 Phases: forward (inputs require grad), forward+backward (backward through the log-probs with
 random upstream gradients, into ``hidden`` and ``weight``) and the forward-only pass
 (``torch.no_grad``: the old-policy / reference pass). Peak extra memory is measured as in
@@ -213,12 +215,12 @@ def run_case(variant, tokens, vt, hidden, tp, rank, dtype, device, repeats, tp_g
         if tp > 1:
             dist.barrier(group=tp_group)
         probe.start()
-        times = []
+        times, cpu_times = [], []
         for _ in range(repeats):
             if tp > 1:
                 dist.barrier(group=tp_group)
             _sync(device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             if phase == "fwd-only":
                 with torch.no_grad():
                     out = fn(h, w, y, mask)
@@ -228,9 +230,10 @@ def run_case(variant, tokens, vt, hidden, tp, rank, dtype, device, repeats, tp_g
                     (out * gout).sum().backward()
             _sync(device)
             times.append(time.perf_counter() - t0)
+            cpu_times.append(time.process_time() - c0)
             del out
             h.grad = w.grad = None
-        res[phase] = {"time_s": min(times), "peak_extra_mib": probe.peak_extra()}
+        res[phase] = {"time_s": min(times), "cpu_s": min(cpu_times), "peak_extra_mib": probe.peak_extra()}
     res["grad_mib"] = (h.numel() + w.numel()) * h.element_size() / 2**20
     res["cpu_peak_reset"] = probe.cpu_reset_ok
     del h, w, y, gout, mask
@@ -294,6 +297,7 @@ def run_tp(args, tp: int):
         for phase in PHASES:
             if phase in m:
                 m[phase] = {"time_s": max(r[phase]["time_s"] for r in rows),
+                            "cpu_s": max(r[phase]["cpu_s"] for r in rows),
                             "peak_extra_mib": max(r[phase]["peak_extra_mib"] for r in rows)}
         merged.append(m)
     return merged
@@ -307,8 +311,8 @@ def markdown(results, args) -> str:
         "",
         "| tokens x V/tp | TP | variant | fwd ms | fwd MiB | fwd+bwd ms | fwd+bwd MiB | fwd+bwd MiB minus grads "
         "| fwd-only ms | fwd-only MiB | time vs unfused (fwd / fwd+bwd / fwd-only) "
-        "| memory vs megatron (fwd / fwd+bwd / fwd-only) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| CPU time vs unfused (same) | memory vs megatron (fwd / fwd+bwd / fwd-only) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     by_key = {(r["tokens"], r["vt"], r["tp"], r["variant"]): r for r in results}
 
@@ -338,6 +342,7 @@ def markdown(results, args) -> str:
             f"| {cell(r, 'fwd+bwd', 'time_s', 1e3)} | {cell(r, 'fwd+bwd', 'peak_extra_mib', 1)} | {minus} "
             f"| {cell(r, 'fwd-only', 'time_s', 1e3)} | {cell(r, 'fwd-only', 'peak_extra_mib', 1)} "
             f"| {ratio(r, unf, 'time_s') if r['variant'] not in ('unfused', 'gemm') else '-'} "
+            f"| {ratio(r, unf, 'cpu_s') if r['variant'] not in ('unfused', 'gemm') else '-'} "
             f"| {ratio(r, meg, 'peak_extra_mib') if r['variant'] != 'gemm' else '-'} |"
         )
     grads = sorted({(r["tokens"], r["vt"], r["grad_mib"]) for r in results})

@@ -49,9 +49,9 @@ from psft_megatron.ops.vocab_parallel_logprobs import (
 __all__ = ["fused_linear_logprobs", "default_fused_tiles"]
 
 #: rows per chunk and vocabulary entries per block of a tile, by device type. A fp32 tile is
-#: 4 MiB on CPU (cache-friendly, no page faults) and 64 MiB on accelerators (large GEMMs).
+#: 4 MiB on CPU (cache-friendly, no page faults) and 32 MiB on accelerators (large GEMMs).
 _TILE_CPU = (1024, 1024)
-_TILE_ACCEL = (2048, 8192)
+_TILE_ACCEL = (1024, 8192)
 
 _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 _REDUCE_SCATTER_SINGLE = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
@@ -393,8 +393,7 @@ def fused_linear_logprobs(
             projected: their log-prob and entropy are returned as 0 and get no gradient. Must
             be the same on every rank of the TP group.
         return_entropy: also return the entropy of the full distribution.
-        chunk_size: rows per chunk (one TP exchange of statistics per chunk). ``None``: 1024
-            on CPU, 2048 on accelerators.
+        chunk_size: rows per chunk (one TP exchange of statistics per chunk). ``None``: 1024.
         vocab_block_size: vocabulary entries per tile. ``None``: 1024 on CPU, 8192 on
             accelerators.
 

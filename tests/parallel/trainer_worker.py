@@ -113,7 +113,8 @@ def main() -> None:
 
     results = {}
     runs = list(LAYOUTS.items()) + [(n, LAYOUTS["tp2_sp"] + o) for n, o in VARIANTS.items()]
-    runs += [(n, o + ["model.psft.fused_output_layer=true"]) for n, o in FUSED.items()]
+    # small row chunks: several TP exchanges of statistics per micro-batch
+    runs += [(n, o + ["model.psft.fused_output_layer=true", "model.psft.chunk_size=16"]) for n, o in FUSED.items()]
     for name, overrides in runs:
         try:
             checking = name in ("tp2_pp2", "cp2")
