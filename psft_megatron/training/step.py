@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
 import math
+from dataclasses import dataclass
 from typing import Callable, List, Optional, Tuple
 
 from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -77,16 +78,41 @@ def train_step(
 
 
 def _guarded_optimizer_step(optimizer) -> Tuple[bool, Optional[float]]:
-    """megatron's ``optimizer.step()`` in its own public pieces, skipping the update when the
-    global gradient norm is not finite (megatron's optimizer only skips on a grad-scaler
-    overflow, i.e. with fp16; a NaN in fp32/bf16 would otherwise reach the weights).
+    """megatron's ``optimizer.step()``, skipping the update when the global gradient norm is not
+    finite (megatron's optimizer only skips on a grad-scaler overflow, i.e. with fp16; a NaN in
+    fp32/bf16 would otherwise reach the weights).
+
+    A single optimizer runs ``step()``'s own public pieces: prepare the grads, clip by the norm,
+    step. A ``ChainedOptimizer`` (several sub-optimizers, e.g. expert and dense parameters)
+    keeps its semantics: ONE grad norm over all sub-optimizers, each clipped by it with its own
+    ``clip_grad``; its own ``step()`` does the clipping and the update, handed the grads it has
+    prepared and the norm it has computed here (:func:`_prepared`), so nothing runs twice.
 
     Returns (update applied, grad norm before clipping or None if an fp16 overflow was found).
     """
     if optimizer.prepare_grads():  # fp16 loss-scale overflow: megatron's own skip
         return False, None
+    if hasattr(optimizer, "chained_optimizers"):
+        grad_norm = float(optimizer.get_grad_norm())
+        if not math.isfinite(grad_norm):
+            return False, grad_norm
+        with _prepared(optimizer, grad_norm):
+            update_successful = optimizer.step()[0]
+        return bool(update_successful), grad_norm
     clip = optimizer.config.clip_grad
     grad_norm = float(optimizer.clip_grad_norm(clip) if clip > 0.0 else optimizer.get_grad_norm())
     if not math.isfinite(grad_norm):
         return False, grad_norm
     return bool(optimizer.step_with_ready_grads()), grad_norm
+
+
+@contextlib.contextmanager
+def _prepared(optimizer, grad_norm: float):
+    """Inside, ``optimizer.prepare_grads()`` reports no overflow without preparing the grads
+    again, and ``optimizer.get_grad_norm()`` returns ``grad_norm`` (both already done)."""
+    optimizer.prepare_grads = lambda: False
+    optimizer.get_grad_norm = lambda: grad_norm
+    try:
+        yield
+    finally:
+        del optimizer.prepare_grads, optimizer.get_grad_norm
