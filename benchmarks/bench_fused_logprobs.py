@@ -235,6 +235,7 @@ def run_case(variant, tokens, vt, hidden, tp, rank, dtype, device, repeats, tp_g
             h.grad = w.grad = None
         res[phase] = {"time_s": min(times), "cpu_s": min(cpu_times), "peak_extra_mib": probe.peak_extra()}
     res["grad_mib"] = (h.numel() + w.numel()) * h.element_size() / 2**20
+    res["load_average"] = os.getloadavg()[0]  # 1-minute load of the machine at the end of the case
     res["cpu_peak_reset"] = probe.cpu_reset_ok
     del h, w, y, gout, mask
     gc.collect()
@@ -271,7 +272,8 @@ def _worker(rank: int, args, tp: int, port: int, outdir: str) -> None:
             if rank == 0:
                 cells = " | ".join(f"{p} {res[p]['time_s'] * 1e3:9.0f} ms {res[p]['peak_extra_mib']:7.0f} MiB"
                                    for p in PHASES if p in res)
-                print(f"  tp={tp} {tokens}x{vt} h={args.hidden} {variant:9s} {cells}", flush=True)
+                print(f"  tp={tp} {tokens}x{vt} h={args.hidden} {variant:9s} {cells} | load {res['load_average']:.1f}",
+                      flush=True)
     with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
         json.dump(out, f)
     parallel_state.destroy_model_parallel()
@@ -345,6 +347,8 @@ def markdown(results, args) -> str:
             f"| {ratio(r, unf, 'cpu_s') if r['variant'] not in ('unfused', 'gemm') else '-'} "
             f"| {ratio(r, meg, 'peak_extra_mib') if r['variant'] != 'gemm' else '-'} |"
         )
+    loads = [r["load_average"] for r in results]
+    lines += ["", f"1-minute load average of the machine during the run: {min(loads):.1f} to {max(loads):.1f}."]
     grads = sorted({(r["tokens"], r["vt"], r["grad_mib"]) for r in results})
     lines += ["", "Gradients of hidden and weight (input dtype), part of every fwd+bwd peak: "
               + ", ".join(f"{t} x {v}: {g:.0f} MiB" for t, v, g in grads) + "."]
