@@ -77,3 +77,14 @@ def test_warmup_switches_at_step_w():
     assert [h["loss"] for h in warm[:3]] == pytest.approx([h["loss"] for h in sft[:3]], abs=TOLERANCE)
     assert warm[3]["loss"] == -1.0 and warm[7]["loss"] == -1.0  # windows start at W and W + K
     assert all(h["loss"] < -1.0 for h in warm[4:7])
+
+
+@pytest.mark.parametrize("name", ["sft_kl_pp2", "sft_kl_tp2_pp2"])
+def test_sft_kl_with_pipeline_parallelism_matches_tp1(name):
+    """The frozen reference runs through the pipeline; its log-probs reach the last stage."""
+    for key in ("loss", "nll", "kl"):
+        got, want = series(name, key), series("sft_kl_tp1", key)
+        assert len(got) == len(want) == 8
+        diff = max(abs(a - b) for a, b in zip(got, want))
+        assert diff <= TOLERANCE, f"{name} {key}: {got} vs TP=1 {want} (diff {diff:.3g})"
+    assert max(series("sft_kl_tp1", "kl")) > 0.0  # the reference term is live

@@ -232,11 +232,6 @@ class PSFTLoss:
         for name, t in (("old_logprobs", old_logprobs), ("ref", ref_lp)):
             if t is not None and tuple(t.shape) != tuple(labels.shape):
                 raise ValueError(f"{name} shape {tuple(t.shape)} must equal labels shape {tuple(labels.shape)}")
-        if cfg.kind == "sft_kl" and ref is None:
-            raise ValueError(
-                "loss.kind='sft_kl' needs ref: reference log-probs [b, s] (k1/k3) or reference "
-                "logits [b, s, V/tp] (kl_estimator='full')"
-            )
 
         def _loss(output_tensor: torch.Tensor) -> LossOutput:
             return self.compute(
@@ -303,8 +298,11 @@ class PSFTLoss:
             with torch.no_grad():
                 ratio = importance_ratio(logp, old, cfg.log_ratio_clamp)
         elif cfg.kind == "sft_kl":
-            if ref is None:
-                raise ValueError("loss.kind='sft_kl' needs ref")
+            if ref is None:  # checked here, not when binding: pipeline stages other than the last bind no ref
+                raise ValueError(
+                    "loss.kind='sft_kl' needs ref: reference log-probs [b, s] (k1/k3) or reference "
+                    "logits [b, s, V/tp] (kl_estimator='full')"
+                )
             if cfg.kl_estimator == "full":
                 if tuple(ref.shape) != tuple(logits.shape):
                     raise ValueError(

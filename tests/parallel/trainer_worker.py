@@ -47,6 +47,9 @@ FUSED = {
     "fused_tp2_pp2": LAYOUTS["tp2_pp2"],
     "fused_cp2": LAYOUTS["cp2"],
 }
+# SFT-KL (the reference pass through the pipeline): PP=2 and TP=2+PP=2 compared with TP=1
+SFT_KL = {f"sft_kl_{name}": LAYOUTS[name] + ["model.psft.loss=sft_kl", "model.psft.kl_coef=0.5"]
+          for name in ("tp1", "pp2", "tp2_pp2")}
 # variants at TP=2+SP
 VARIANTS = {
     "k1": ["model.psft.old_policy_interval=1"],
@@ -115,6 +118,7 @@ def main() -> None:
     runs = list(LAYOUTS.items()) + [(n, LAYOUTS["tp2_sp"] + o) for n, o in VARIANTS.items()]
     # small row chunks: several TP exchanges of statistics per micro-batch
     runs += [(n, o + ["model.psft.fused_output_layer=true", "model.psft.chunk_size=16"]) for n, o in FUSED.items()]
+    runs += list(SFT_KL.items())
     for name, overrides in runs:
         try:
             checking = name in ("tp2_pp2", "cp2")
