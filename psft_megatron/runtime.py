@@ -201,10 +201,28 @@ def initialize(
 
 
 def device() -> torch.device:
-    """The device this process computes on (``cuda:<local>`` or ``cpu``)."""
+    """The device this process computes on (``cuda:<local>`` or ``cpu``): every tensor handed to
+    the model, the loss or a collective lives here (NCCL only takes CUDA tensors)."""
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+_REDUCE_OPS = {"sum": "SUM", "max": "MAX", "min": "MIN"}
+
+
+def all_reduce_values(values, op: str = "sum", group=None) -> list:
+    """All-reduce a few host numbers over ``group`` (default: the world) and return them as
+    Python floats on every rank. The float64 tensor that travels is made on :func:`device`, as
+    the backend needs; NaN and Inf pass through. One collective and one device-to-host read.
+
+    Args:
+        values: numbers (a list or tuple of floats, ints or bools).
+        op: "sum", "max" or "min".
+    """
+    flat = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device())
+    torch.distributed.all_reduce(flat, op=getattr(torch.distributed.ReduceOp, _REDUCE_OPS[op]), group=group)
+    return flat.tolist()
 
 
 def shutdown() -> None:

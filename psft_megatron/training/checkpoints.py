@@ -47,9 +47,9 @@ def _fsync_dir(path: str) -> None:
 
 
 def _all_ok(ok: bool) -> bool:
-    flag = torch.tensor([0.0 if ok else 1.0])
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    return flag.item() == 0.0
+    from psft_megatron.runtime import all_reduce_values
+
+    return all_reduce_values([not ok], op="max")[0] == 0.0
 
 
 class CheckpointManager:

@@ -70,11 +70,12 @@ class StopSignals:
 
     def agreed(self) -> bool:
         """True on every rank if any rank got a signal (one all-reduce per step)."""
-        flag = torch.tensor([1.0 if self.name else 0.0])
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        if flag.item() and self.name is None:
+        from psft_megatron.runtime import all_reduce_values
+
+        (flag,) = all_reduce_values([self.name is not None], op="max")
+        if flag and self.name is None:
             self.name = "a signal on another rank"
-        return bool(flag.item())
+        return bool(flag)
 
 
 def _rng_states() -> dict:
@@ -121,6 +122,7 @@ class Trainer:
         self.step = 0
         self.history: List[Dict[str, float]] = []  # one record per optimizer step (all ranks)
         self.pending: List = []  # the open old-policy window: (micro-batches, sampler state after) per step
+        self.forward_only_s: Dict[int, float] = {}  # seconds of each pending batch's old-policy pass
         self.window_mode = "psft"
         self.sampler_state: Optional[dict] = None
         self.consecutive_skips = 0
@@ -234,26 +236,45 @@ class Trainer:
         """Model parameters in total (each TP/PP shard counted once, DP/CP replicas not)."""
         from megatron.core import parallel_state
 
+        from psft_megatron.runtime import all_reduce_values
+
         local = 0
         if parallel_state.get_data_parallel_rank() == 0 and parallel_state.get_context_parallel_rank() == 0:
             local = sum(p.numel() for chunk in self.tm.chunks for p in chunk.parameters())
-        total = torch.tensor([float(local)], dtype=torch.float64)
-        torch.distributed.all_reduce(total)
-        return int(total.item())
+        return int(all_reduce_values([local])[0])
 
-    def _resource_metrics(self, elapsed: float, tokens: float) -> Dict[str, float]:
-        """Peak memory (GiB: CUDA allocator peak on GPU, peak RSS of this process on CPU) and,
-        on GPUs with a known peak, MFU.
+    def _with_positions(self, metrics: List[dict], micros) -> List[dict]:
+        """The step's loss metrics plus ``num_positions``: every position this rank ran through
+        the model (prompt and padding included; this CP rank's share), summed over DP x CP by
+        the same reduction as the metrics (last pipeline stage)."""
+        from megatron.core import parallel_state
 
-        MFU = 6 * parameters * tokens / (step time * GPUs * peak bf16 dense FLOP/s): the
-        usual dense-transformer estimate, attention FLOPs and the old-policy forwards not counted.
+        if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+            return metrics
+        local = float(sum(int(m["tokens"].numel()) for m in micros))
+        return list(metrics) + [{"num_positions": torch.tensor([local, 1.0], device=self.info.device)}]
+
+    def _throughput(self, step_s: float, forward_only_s: float, positions: float) -> Dict[str, float]:
+        """Per-step time, throughput, peak memory and MFU, counting everything the step cost.
+
+        - ``step_time_s``: forward + backward + optimizer; ``forward_only_s``: this batch's
+          old-policy pass (PSFT) or reference pass (SFT-KL), 0 for the first batch of a window;
+        - ``tokens_per_s``: positions trained (``num_positions``, all positions of the global
+          batch) per second of ``step_time_s + forward_only_s``, so PSFT's overhead shows;
+        - ``peak_mem_gib``: CUDA allocator peak on GPU, peak RSS of this process on CPU;
+        - ``mfu`` (GPUs with a known peak): (6 N positions + 2 N positions of the forward-only
+          pass) / (time x GPUs x peak bf16 dense FLOP/s), N = parameters; the usual dense
+          estimate, attention FLOPs not counted.
         """
-        out: Dict[str, float] = {}
+        total = step_s + forward_only_s
+        out = {"step_time_s": step_s, "forward_only_s": forward_only_s,
+               "tokens_per_s": positions / max(total, 1e-9)}
         if torch.cuda.is_available():
             out["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
             peak = _gpu_peak_flops(torch.cuda.get_device_name())
-            if peak and elapsed > 0:
-                out["mfu"] = 6.0 * self.num_parameters * tokens / (elapsed * self.info.world_size * peak)
+            if peak and total > 0:
+                flops = self.num_parameters * positions * (6.0 + (2.0 if forward_only_s > 0 else 0.0))
+                out["mfu"] = flops / (total * self.info.world_size * peak)
         else:
             import resource
 
@@ -291,13 +312,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ data
     def _micro_batches(self, dataset, sampler) -> Iterator[List[Dict[str, object]]]:
-        """Per optimizer step: (this rank's micro-batches, collated and CP-sliced; the sampler
-        state after this batch)."""
+        """Per optimizer step: (this rank's micro-batches, collated, CP-sliced and on this
+        process's device; the sampler state after this batch)."""
+        from psft_megatron.training.batches import to_device
         from psft_megatron.training.forward import slice_for_context_parallel
 
         for step_items in sampler:
             state = sampler.state_dict()  # the position after this batch (for resume)
-            yield [slice_for_context_parallel(dataset.collate(items, pad_to=self.pad_to)) for items in step_items], state
+            yield [to_device(slice_for_context_parallel(dataset.collate(items, pad_to=self.pad_to)), self.info.device)
+                   for items in step_items], state
 
     def _sampler(self, dataset, shuffle: bool, global_batch_size: int):
         from megatron.core import parallel_state
@@ -318,18 +341,17 @@ class Trainer:
         from megatron.core import parallel_state
 
         from psft_megatron.losses import reduce_loss_metrics
+        from psft_megatron.runtime import all_reduce_values
 
-        values = torch.zeros(len(keys), dtype=torch.float64)
-        present = torch.zeros(len(keys), dtype=torch.float64)
+        values, present = [0.0] * len(keys), [0.0] * len(keys)
         if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
             reduced = reduce_loss_metrics(metrics, group=self.dp_cp_group)
             if parallel_state.get_tensor_model_parallel_rank() == 0 and torch.distributed.get_rank(self.dp_cp_group) == 0:
                 for i, key in enumerate(keys):
                     if key in reduced:
                         values[i], present[i] = reduced[key], 1.0
-        both = torch.cat([values, present])  # one rank contributes; NaN/Inf values pass through
-        torch.distributed.all_reduce(both)
-        return {k: v for k, v, p in zip(keys, both[: len(keys)].tolist(), both[len(keys):].tolist()) if p}
+        both = all_reduce_values(values + present)  # one rank contributes; NaN/Inf values pass through
+        return {k: v for k, v, p in zip(keys, both[: len(keys)], both[len(keys):]) if p}
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> Dict[str, float]:
@@ -351,8 +373,11 @@ class Trainer:
                 if not self.pending:
                     self._start_window(batches)
                 micros, sampler_state = self.pending.pop(0)
+                forward_only_s = self.forward_only_s.pop(id(micros), 0.0)  # its old-policy pass
                 if psft.loss == "sft_kl":
+                    start = time.time()
                     attach_logprobs(self.frozen, micros, self.loss, "ref_logprobs", seq_length=self._seq_length(micros))
+                    forward_only_s = time.time() - start
                 start = time.time()
                 result = train_step(forward_steps[self.window_mode], [iter(micros) for _ in self.tm.chunks],
                                     self.tm.chunks, self.tm.optimizer, self.tm.scheduler,
@@ -361,13 +386,11 @@ class Trainer:
                 elapsed = time.time() - start
                 self.step += 1
                 self.sampler_state = sampler_state
-                last = self._share(result.metrics)
-                last.update(lr=self.tm.optimizer.param_groups[0]["lr"], step_time_s=elapsed,
-                            phase=0.0 if self.window_mode == "sft" else 1.0,
-                            tokens_per_s=last.get("num_tokens", 0.0) / max(elapsed, 1e-9))
+                last = self._share(self._with_positions(result.metrics, micros), STEP_KEYS + ("num_positions",))
+                last.update(lr=self.tm.optimizer.param_groups[0]["lr"], phase=0.0 if self.window_mode == "sft" else 1.0)
+                last.update(self._throughput(elapsed, forward_only_s, last.get("num_positions", 0.0)))
                 if result.grad_norm is not None:
                     last["grad_norm"] = result.grad_norm
-                last.update(self._resource_metrics(elapsed, last.get("num_tokens", 0.0)))
                 fault = self._count_skip(result, last)
                 self.history.append(dict(last, step=self.step))
                 if self.step % cfg.trainer.log_every_n_steps == 0 or self.step == max_steps or fault:
@@ -429,13 +452,13 @@ class Trainer:
         """pi_old log-probs for a window of global batches (see the module docstring)."""
         from psft_megatron.training.forward import attach_logprobs
 
-        if self.frozen is not None:  # frozen pi_old: every batch against the initial model
-            for micros in window:
-                attach_logprobs(self.frozen, micros, self.loss, "old_logprobs", seq_length=self._seq_length(micros))
-        else:  # batch 1: ratio 1 (old = current, detached); 2..K: the window-start weights
-            for micros in window[1:]:
-                attach_logprobs(self.tm.chunks, micros, self.loss, "old_logprobs",
-                                seq_length=self._seq_length(micros))
+        # frozen pi_old: every batch against the initial model; else batch 1 has ratio 1 (old =
+        # current, detached) and batches 2..K get the window-start weights
+        chunks, todo = (self.frozen, window) if self.frozen is not None else (self.tm.chunks, window[1:])
+        for micros in todo:
+            start = time.time()
+            attach_logprobs(chunks, micros, self.loss, "old_logprobs", seq_length=self._seq_length(micros))
+            self.forward_only_s[id(micros)] = time.time() - start
 
     def validate(self) -> Dict[str, float]:
         """NLL and entropy on held-out data (``model.data.validation_ds``), forward only."""
@@ -468,8 +491,11 @@ class Trainer:
             "distributed_optimizer": uses_distributed_optimizer(self.tm.optimizer),
             "config": json.dumps(self.resolved, sort_keys=True),
         }
+        from psft_megatron.training.batches import to_host
+
         per_rank = {"rng": _rng_states(),
-                    "pending_old_logprobs": [[m.get("old_logprobs") for m in micros] for micros, _ in self.pending]}
+                    "pending_old_logprobs": to_host([[m.get("old_logprobs") for m in micros]
+                                                     for micros, _ in self.pending])}
 
         def write(path: str) -> None:
             save_checkpoint(path, self.tm.chunks, self.tm.optimizer, common=common, per_rank=per_rank)
@@ -508,7 +534,7 @@ class Trainer:
                 for (micros, _), saved in zip(self.pending, per_rank["pending_old_logprobs"]):
                     for micro, old in zip(micros, saved):
                         if old is not None:
-                            micro["old_logprobs"] = old
+                            micro["old_logprobs"] = old.to(self.info.device)
             elif self.is_rank0:
                 print(f"note: {path} was saved inside an old-policy window at another layout "
                       f"({common.get('layout')}); pi_old is re-synced at step {self.step + 1}", flush=True)
