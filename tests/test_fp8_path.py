@@ -84,10 +84,11 @@ def test_frozen_reference_copy_fp8(result):
     assert delayed["frozen_fp8_param"] is False and tensorwise["frozen_fp8_param"] is False
 
 
-def test_local_spec_on_cpu_is_the_cpu_spec_and_uses_apex_norms_with_apex(result):
+def test_local_spec_on_cpu_is_the_cpu_spec_but_its_attention_and_uses_apex_norms_with_apex(result):
     specs = _ok(result, "specs")
-    assert specs["local_here"] == specs["cpu"]
+    assert dict(specs["local_here"], attention=None) == dict(specs["cpu"], attention=None)
     assert specs["cpu"]["norm"] == "ParallelRMSNorm" and specs["cpu"]["attention"] == "SDPACoreAttention"
+    assert specs["local_here"]["attention"] == specs["local_apex"]["attention"] == "LocalCoreAttention"
     assert specs["local_apex"]["norm"] == specs["local_apex"]["input_norm"] == "ApexRMSNorm"
     assert specs["cpu_apex"] == specs["cpu"]  # the reference never uses apex
     assert specs["local_apex"]["qkv"] == "ColumnParallelLinear"  # megatron's own linears
