@@ -1,20 +1,102 @@
 """Differences between megatron-core releases, in one place.
 
-Each section below bridges one difference; callers use the function, never a version check.
+Supported: megatron-core 0.16.1 to 0.19.x (``setup.py``). Each section below bridges one
+difference; callers use the function, never a version check. A bridge picks its branch by
+feature detection (the signature or attribute it needs) where that is possible, and by
+:func:`megatron_version` otherwise. The version-gated patches of megatron-core itself
+(:mod:`psft_megatron.cpu_compat`, :mod:`psft_megatron.distopt_fixes`) use
+:func:`version_in` to decide whether they apply.
+
+To add a bridge: a new section with its public function(s), a comment naming the releases on
+each side of the difference, and a test in ``tests/test_megatron_compat.py``.
+
+Sections:
+
+- version: :func:`megatron_version`, :func:`version_in`;
+- context-parallel batch slicing: :func:`get_batch_on_this_cp_rank` (0.18 added a required
+  ``is_hybrid_cp`` argument and no longer falls back to megatron's CP group);
+- GPTModel output processor: :func:`has_output_processor`,
+  :func:`forward_with_output_processor` (a hook ``GPTModel.forward`` has from 0.18 on).
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
-from typing import Any, Callable
+from typing import Any, Callable, Dict
 
 import torch
 
 
 # ============================================================================================
+# version
+# ============================================================================================
+
+@functools.lru_cache(maxsize=None)
+def megatron_version():
+    """The importable megatron-core's version (a ``packaging.version.Version``), read from
+    ``megatron.core.package_info``: the code that runs, even where it shadows an installed
+    distribution on ``PYTHONPATH``."""
+    from megatron.core import package_info
+    from packaging.version import Version
+
+    return Version(package_info.__version__)
+
+
+def version_in(spec: str, version=None) -> bool:
+    """True if megatron-core's release (``version``, default :func:`megatron_version`) lies in
+    the PEP 440 ``spec``, e.g. ``">=0.16.1,<0.19"``.
+
+    Pre-release, dev and local tags are ignored: ``0.19.0rc1`` and ``0.19.0+nv25.10`` (NGC
+    builds) count as 0.19.0, the release whose code they carry.
+    """
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    version = megatron_version() if version is None else Version(str(version))
+    return SpecifierSet(spec).contains(Version(version.base_version))
+
+
+# ============================================================================================
+# context-parallel batch slicing
+# ============================================================================================
+# megatron.core.utils.get_batch_on_this_cp_rank cuts every sequence into 2*CP chunks and keeps
+# chunks r and 2*CP-1-r on CP rank r (causal load balancing).
+#   0.16, 0.17: get_batch_on_this_cp_rank(batch, cp_group=None); None means megatron's CP group.
+#   0.18, 0.19: get_batch_on_this_cp_rank(batch, is_hybrid_cp, cp_group=None, ...): is_hybrid_cp
+#         is required, and a None cp_group now means torch.distributed's default group (the
+#         whole world) instead of megatron's CP group, so the group is always passed here.
+
+def _cp_slice_takes_hybrid_flag(func) -> bool:
+    return "is_hybrid_cp" in inspect.signature(func).parameters
+
+
+def get_batch_on_this_cp_rank(batch: Dict[str, Any], cp_group=None) -> Dict[str, Any]:
+    """This context-parallel rank's share of ``batch`` (megatron's load-balanced slicing).
+
+    Args:
+        batch: tensors ``[b, s, ...]`` (an ``attention_mask`` ``[b, 1, s, s]``) or ``None``s,
+            without ``cu_seqlens`` (packed THD batches are not sliced here).
+        cp_group: the CP process group; default megatron's (``parallel_state``).
+
+    Returns:
+        the batch with every tensor cut along its sequence dimension (unchanged at CP = 1).
+    """
+    from megatron.core import parallel_state
+    from megatron.core.utils import get_batch_on_this_cp_rank as slice_batch
+
+    if cp_group is None:
+        cp_group = parallel_state.get_context_parallel_group()
+    if _cp_slice_takes_hybrid_flag(slice_batch):
+        return slice_batch(batch, is_hybrid_cp=False, cp_group=cp_group)
+    return slice_batch(batch, cp_group=cp_group)
+
+
+# ============================================================================================
 # GPTModel output processor (the output layer and the loss replaced by a callable)
 # ============================================================================================
-# megatron-core 0.19's GPTModel.forward takes ``output_processor=`` / ``output_processor_context=``:
+# megatron-core's GPTModel.forward takes ``output_processor=`` / ``output_processor_context=``
+# from 0.18 on (0.17.1 has no such hook; 0.18.2 and 0.19.x have):
 # on the last pipeline stage it hands the decoder's hidden states (after the final norm) and
 # the output-layer helpers to the callable and returns what it returns, without running the
 # output layer. 0.16 has no such hook; there GPTModel's own ``post_process`` switch is turned

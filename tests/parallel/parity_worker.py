@@ -174,7 +174,8 @@ def make_global_batches(num_batches: int) -> List[Dict[str, torch.Tensor]]:
 def microbatches_for_this_rank(batch: Dict[str, torch.Tensor]) -> List[Dict[str, torch.Tensor]]:
     """This DP rank's share of a global batch, cut into MICRO_BATCHES, CP-sliced."""
     from megatron.core import parallel_state
-    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    from psft_megatron.megatron_compat import get_batch_on_this_cp_rank
 
     dp = parallel_state.get_data_parallel_world_size()
     dp_rank = parallel_state.get_data_parallel_rank()

@@ -1,0 +1,62 @@
+"""psft_megatron.megatron_compat: version checks and the bridges between releases."""
+
+import inspect
+
+import pytest
+import torch
+
+from psft_megatron import megatron_compat
+from psft_megatron.megatron_compat import version_in
+
+
+def test_version_is_the_importable_megatron_core():
+    from megatron.core import package_info
+
+    assert str(megatron_compat.megatron_version()) == package_info.__version__
+    assert version_in(">=0.16.1,<0.20"), "outside the supported range (setup.py)"
+
+
+@pytest.mark.parametrize("version,spec,expected", [
+    ("0.16.1", ">=0.16.1,<0.19", True),
+    ("0.19.2", ">=0.16.1,<0.19", False),
+    ("0.19.0rc1", "<0.19", False),  # a pre-release carries the release's code
+    ("0.19.0+nv25.10", ">=0.19", True),  # NGC-style local tag
+    ("0.16.0", ">=0.16.1", False),
+])
+def test_version_in(version, spec, expected):
+    assert version_in(spec, version) is expected
+
+
+def _fake_016(calls):
+    def get_batch_on_this_cp_rank(batch, cp_group=None):
+        calls.append(("0.16", cp_group))
+        return batch
+    return get_batch_on_this_cp_rank
+
+
+def _fake_019(calls):
+    def get_batch_on_this_cp_rank(batch, is_hybrid_cp, cp_group=None, hybrid_cp_group_func=None,
+                                  use_per_sequence_balancing=False):
+        calls.append(("0.19", is_hybrid_cp, cp_group))
+        return batch
+    return get_batch_on_this_cp_rank
+
+
+@pytest.mark.parametrize("fake", [_fake_016, _fake_019])
+def test_cp_slicing_calls_either_signature_with_the_cp_group(monkeypatch, fake):
+    import megatron.core.utils as mutils
+
+    calls = []
+    group = object()
+    monkeypatch.setattr(mutils, "get_batch_on_this_cp_rank", fake(calls))
+    batch = {"tokens": torch.zeros(1, 4)}
+    assert megatron_compat.get_batch_on_this_cp_rank(batch, cp_group=group) is batch
+    # 0.18+ reads a missing group as the whole world: the group must always be passed.
+    assert calls == ([("0.16", group)] if fake is _fake_016 else [("0.19", False, group)])
+
+
+def test_cp_slicing_matches_the_installed_signature():
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    takes_flag = "is_hybrid_cp" in inspect.signature(get_batch_on_this_cp_rank).parameters
+    assert takes_flag == version_in(">=0.18"), "the signature changed in another release than recorded"
