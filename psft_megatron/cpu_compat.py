@@ -4,41 +4,76 @@ This is the ONE place where psft-megatron adapts megatron-core's hard-coded CUDA
 It is installed by :func:`psft_megatron.runtime.initialize` on CPU runs only, and
 :func:`install` refuses to run when CUDA is available: a GPU run never sees it.
 
-Why it exists: megatron-core 0.16.x allocates buffers with ``device="cuda"`` or
+Why it exists: megatron-core allocates buffers with ``device="cuda"`` or
 ``torch.cuda.current_device()`` on a training step's path (pipeline schedules' token
 counters, p2p receive buffers, sequence-parallel all-gather/reduce-scatter buffers, the
 DDP grad buffers, optimizer/clip-grad helpers, RoPE, dist-checkpoint strategies), keeps its
 model-parallel RNG streams in CUDA generator state, and compares ``tensor.type()`` against
-``'torch.cuda.FloatTensor'``. See ``shared/notes/megatron-core-on-cpu.md`` for the list.
+``'torch.cuda.FloatTensor'``.
 
-What it patches (and nothing else):
+The layer is a list of named patches (:data:`PATCHES`). Each names the megatron-core releases
+that need it (a PEP 440 range, checked with :func:`psft_megatron.megatron_compat.version_in`)
+and the call sites that need it; :func:`install` applies a patch only on the releases in its
+range. The sites were re-derived for 0.16.1 and 0.19.2 by tracing the whole test suite
+(``PSFT_CPU_COMPAT_TRACE``, below) and reading 0.17.1/0.18.2/0.19.0's sources; and
+``tests/test_cpu_compat.py`` runs megatron's own code at one site per patch with the patch off
+(it must fail, or silently compute a wrong result, exactly on the releases in the range) and on.
 
-1. A :class:`torch.overrides.TorchFunctionMode`, pushed once for the process, that
-   - rewrites ``device=`` arguments naming CUDA ("cuda", "cuda:N", ``torch.device("cuda")``
-     or an int ordinal) to ``"cpu"`` and drops ``pin_memory=True``;
-   - makes ``Tensor.cuda()`` return the tensor itself and ``Tensor.to("cuda")`` go to CPU;
-   - reports ``Tensor.type()`` (no arguments) of a CPU tensor as ``'torch.cuda.<T>'``,
-     the string megatron's optimizers compare against.
-2. ``torch.cuda`` functions that have no CPU meaning:
-   - ``current_device()`` returns ``torch.device("cpu")`` - a device, not the int 0: a
-     function mode is not active inside autograd ``backward()`` of megatron's custom
-     Functions, which allocate with ``device=torch.cuda.current_device()``;
-   - ``synchronize``/``empty_cache`` are no-ops; ``Stream``/``Event``/``stream``/
-     ``current_stream``/``default_stream`` are inert stand-ins;
-   - CUDA RNG state (``get_rng_state``, ``set_rng_state``, ``manual_seed``,
-     ``manual_seed_all``) maps to the CPU default generator, and so do megatron's
-     ``tensor_parallel.random._get_cuda_rng_state`` / ``_set_cuda_rng_state``, so the stock
-     ``CudaRNGStatesTracker`` and ``model_parallel_cuda_manual_seed`` work unchanged.
+Patches:
 
-Threads: torch function modes are thread-local, so the patch in (2) is what covers
+- ``device_argument``: ``device=`` naming CUDA ("cuda", "cuda:N", ``torch.device("cuda")``
+  or an int ordinal) becomes ``"cpu"`` in every torch call (a
+  :class:`torch.overrides.TorchFunctionMode` pushed once for the process);
+- ``pin_memory``: ``pin_memory=True`` is dropped (no pinned memory without an accelerator);
+- ``tensor_cuda``: ``Tensor.cuda()`` returns the tensor itself;
+- ``tensor_type_name``: ``Tensor.type()`` (no arguments) of a CPU tensor reports
+  ``'torch.cuda.<T>'``, the string megatron's optimizers compare against;
+- ``current_device``: ``torch.cuda.current_device()`` returns ``torch.device("cpu")`` - a
+  device, not the int 0: a function mode is not active inside autograd ``backward()`` of
+  megatron's custom Functions, which allocate with ``device=torch.cuda.current_device()``
+  (and ``.to(torch.cuda.current_device())`` then needs no rewrite either);
+- ``synchronize``: ``torch.cuda.synchronize()`` is a no-op;
+- ``current_stream`` (megatron-core >= 0.19 only): ``torch.cuda.current_stream()`` returns an
+  inert stream; 0.19's ``start_grad_sync`` asks for it on every gradient sync;
+- ``cuda_rng``: ``torch.cuda.get_rng_state`` / ``torch.cuda.random.get_rng_state`` /
+  ``torch.cuda.manual_seed`` act on the CPU default generator, so megatron's
+  ``CudaRNGStatesTracker`` and ``model_parallel_cuda_manual_seed`` work unchanged;
+- ``megatron_set_rng_state``: megatron's ``tensor_parallel.random._set_cuda_rng_state`` sets
+  the CPU generator. Unpatched it hands its work to ``torch.cuda._lazy_call``, which on a
+  machine without CUDA queues it forever: every ``tracker.fork()`` then silently draws from,
+  and leaves behind, the default stream (dropout masks equal on all TP ranks, the default
+  stream disturbed).
+
+Checked and not patched, because nothing on these paths needs it on any supported release:
+positional ``Tensor.to("cuda")``; ``torch.cuda.Stream``/``Event``/``stream``/
+``default_stream`` and ``empty_cache`` (0.16-0.19 use them only with several
+distributed-optimizer instances, CUDA graphs or activation offloading); ``torch.cuda.
+set_rng_state``/``manual_seed_all`` (megatron uses its own ``_set_cuda_rng_state``;
+``torch.manual_seed`` queues a harmless lazy ``manual_seed_all``); megatron's
+``_get_cuda_rng_state`` (it calls ``torch.cuda.random.get_rng_state`` at call time, covered by
+``cuda_rng``, unless CUDA-graph-safe RNG is on, which no CPU path uses).
+
+Turning patches off (tests and diagnostics only): ``PSFT_PATCHES_OFF=name,name`` in the
+environment skips them at :func:`install`; :func:`disabled` reverts them inside a ``with``
+block. ``PSFT_CPU_COMPAT_TRACE=<dir>`` records, per patch, the call sites that needed it and
+writes them to ``<dir>/cpu_compat-<pid>.json`` at exit (to re-derive the list for a new
+megatron-core release: run the suite with it, and once with each patch off).
+
+Threads: torch function modes are thread-local, so the ``torch.cuda`` patches are what cover
 autograd's worker threads and dist-checkpointing's helpers.
 """
 
 from __future__ import annotations
 
+import atexit
+import collections
 import contextlib
+import json
+import os
+import sys
 import threading
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -46,6 +81,16 @@ from torch.overrides import TorchFunctionMode
 _CPU = torch.device("cpu")
 _lock = threading.Lock()
 _installed_mode: "_CudaToCpuMode | None" = None
+_applied: List[str] = []  # names of the patches in effect, in PATCHES order
+_mode_features: Dict[str, bool] = {"device_argument": False, "pin_memory": False, "tensor_cuda": False,
+                                   "tensor_type_name": False}
+_originals: Dict[str, Dict[str, Any]] = {}  # patch name -> {"module.attr": original}
+_trace: Optional[Dict[str, collections.Counter]] = None
+
+#: environment variable naming patches to leave out (comma-separated; tests only)
+PATCHES_OFF_ENV = "PSFT_PATCHES_OFF"
+#: environment variable: a directory to write the per-patch call sites to at exit
+TRACE_ENV = "PSFT_CPU_COMPAT_TRACE"
 
 
 def _is_cuda_device(device: Any) -> bool:
@@ -57,32 +102,77 @@ def _is_cuda_device(device: Any) -> bool:
     return isinstance(device, int) and not isinstance(device, bool)
 
 
+# ---------------------------------------------------------------------------- tracing
+def _call_site() -> str:
+    """The innermost frame outside torch and this module: the code that needed a patch."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if "/torch/" not in name and not name.endswith("cpu_compat.py") and "contextlib" not in name:
+            for anchor in ("/megatron/", "/psft_megatron/", "/tests/"):
+                if anchor in name:
+                    name = name[name.index(anchor) + 1:]
+                    break
+            return f"{name}:{frame.f_lineno} ({frame.f_code.co_name})"
+        frame = frame.f_back
+    return "?"
+
+
+def _hit(patch: str) -> None:
+    if _trace is not None:
+        _trace[patch][_call_site()] += 1
+
+
+def _write_trace(directory: str) -> None:
+    os.makedirs(directory, exist_ok=True)
+    from psft_megatron.megatron_compat import megatron_version
+
+    data = {"megatron_core": str(megatron_version()), "argv": sys.argv,
+            "patches": {name: dict(sites) for name, sites in (_trace or {}).items()}}
+    with open(os.path.join(directory, f"cpu_compat-{os.getpid()}.json"), "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+
+
+# ---------------------------------------------------------------------------- the mode
 class _CudaToCpuMode(TorchFunctionMode):
-    """Rewrites CUDA device requests to CPU (see the module docstring, item 1)."""
+    """Rewrites CUDA device requests to CPU (patches device_argument, pin_memory, tensor_cuda,
+    tensor_type_name; each acts only while its flag is on)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs) if kwargs else {}
-        if func is torch.Tensor.cuda:
+        on = _mode_features
+        if func is torch.Tensor.cuda and on["tensor_cuda"]:
+            _hit("tensor_cuda")
             return args[0]
-        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs and on["tensor_type_name"]:
             name = func(args[0])
             if args[0].device.type == "cpu" and name.startswith("torch.") and ".cuda." not in name:
-                return "torch.cuda." + name[len("torch.") :]
+                _hit("tensor_type_name")
+                return "torch.cuda." + name[len("torch."):]
             return name
-        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+        if on["device_argument"] and "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            _hit("device_argument")
             kwargs["device"] = _CPU
-        if kwargs.get("pin_memory"):
+        if kwargs.get("pin_memory") and on["pin_memory"]:
+            _hit("pin_memory")
             kwargs["pin_memory"] = False
-        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
-            args = (args[0], _CPU) + tuple(args[2:])
         return func(*args, **kwargs)
 
 
-class _NullStream:
-    """Inert stand-in for ``torch.cuda.Stream`` on CPU (all work is synchronous)."""
+def _mode_patch(name: str):
+    def apply() -> None:
+        _mode_features[name] = True
 
-    def __init__(self, *args, **kwargs):
-        pass
+    def revert() -> None:
+        _mode_features[name] = False
+
+    return apply, revert
+
+
+# ---------------------------------------------------------------------------- torch.cuda
+class _CpuStream:
+    """What ``torch.cuda.current_stream()`` returns on CPU: all work is synchronous, so waiting
+    on it, or making it wait, is nothing."""
 
     def wait_stream(self, other) -> None:
         pass
@@ -90,33 +180,24 @@ class _NullStream:
     def wait_event(self, event) -> None:
         pass
 
-    def synchronize(self) -> None:
-        pass
-
     def record_event(self, event=None):
-        return event or _NullEvent()
-
-
-class _NullEvent:
-    """Inert stand-in for ``torch.cuda.Event`` on CPU."""
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def record(self, stream=None) -> None:
-        pass
-
-    def wait(self, stream=None) -> None:
-        pass
+        return event
 
     def synchronize(self) -> None:
         pass
 
-    def query(self) -> bool:
-        return True
 
-    def elapsed_time(self, other) -> float:
-        return 0.0
+_CPU_STREAM = _CpuStream()
+
+
+def _traced(patch: str, fn: Callable) -> Callable:
+    def wrapper(*args, **kwargs):
+        _hit(patch)
+        return fn(*args, **kwargs)
+
+    wrapper.__name__ = getattr(fn, "__name__", patch)
+    wrapper.__doc__ = f"psft_megatron.cpu_compat ({patch}): the CPU stand-in."
+    return wrapper
 
 
 def _cpu_get_rng_state(*args, **kwargs) -> torch.Tensor:
@@ -135,32 +216,136 @@ def _noop(*args, **kwargs) -> None:
     return None
 
 
-_NULL_STREAM = _NullStream()
+def _attribute_patch(name: str, targets: Callable[[], Dict[str, Any]]):
+    """A patch that sets attributes (``"module.path:attr" -> value``) and can restore them."""
+
+    def resolve(path: str):
+        module_name, attr = path.split(":")
+        obj = __import__(module_name, fromlist=["_"])
+        return obj, attr
+
+    def apply() -> None:
+        originals = _originals.setdefault(name, {})
+        for path, value in targets().items():
+            obj, attr = resolve(path)
+            originals.setdefault(path, getattr(obj, attr))
+            setattr(obj, attr, value)
+
+    def revert() -> None:
+        for path, value in _originals.pop(name, {}).items():
+            obj, attr = resolve(path)
+            setattr(obj, attr, value)
+
+    return apply, revert
 
 
-def _patch_torch_cuda() -> None:
-    cuda = torch.cuda
-    cuda.current_device = lambda: _CPU
-    cuda.synchronize = _noop
-    cuda.empty_cache = _noop
-    cuda.get_rng_state = _cpu_get_rng_state
-    cuda.set_rng_state = _cpu_set_rng_state
-    cuda.random.get_rng_state = _cpu_get_rng_state
-    cuda.random.set_rng_state = _cpu_set_rng_state
-    cuda.manual_seed = _cpu_manual_seed
-    cuda.manual_seed_all = _cpu_manual_seed
-    cuda.Stream = _NullStream
-    cuda.Event = _NullEvent
-    cuda.stream = lambda stream=None: contextlib.nullcontext()
-    cuda.current_stream = lambda device=None: _NULL_STREAM
-    cuda.default_stream = lambda device=None: _NULL_STREAM
+def _current_device_targets():
+    return {"torch.cuda:current_device": _traced("current_device", lambda: _CPU)}
 
 
-def _patch_megatron_rng() -> None:
-    from megatron.core.tensor_parallel import random as mp_random
+def _synchronize_targets():
+    return {"torch.cuda:synchronize": _traced("synchronize", _noop)}
 
-    mp_random._get_cuda_rng_state = _cpu_get_rng_state
-    mp_random._set_cuda_rng_state = _cpu_set_rng_state
+
+def _current_stream_targets():
+    return {"torch.cuda:current_stream": _traced("current_stream", lambda device=None: _CPU_STREAM)}
+
+
+def _cuda_rng_targets():
+    get = _traced("cuda_rng", _cpu_get_rng_state)
+    return {"torch.cuda:get_rng_state": get, "torch.cuda.random:get_rng_state": get,
+            "torch.cuda:manual_seed": _traced("cuda_rng", _cpu_manual_seed)}
+
+
+def _megatron_rng_targets():
+    return {"megatron.core.tensor_parallel.random:_set_cuda_rng_state":
+            _traced("megatron_set_rng_state", _cpu_set_rng_state)}
+
+
+# ---------------------------------------------------------------------------- the list
+@dataclass(frozen=True)
+class Patch:
+    """One adaptation of megatron-core's CUDA usage to CPU.
+
+    Attributes:
+        name: what ``PSFT_PATCHES_OFF`` and :func:`disabled` take.
+        summary: what it does.
+        megatron: the megatron-core releases that need it (PEP 440 range).
+        sites: megatron-core call sites that need it (0.16.1 / 0.19.2 line numbers).
+    """
+
+    name: str
+    summary: str
+    megatron: str
+    sites: str
+    apply: Callable[[], None]
+    revert: Callable[[], None]
+
+    def needed(self) -> bool:
+        """Whether the installed megatron-core release needs this patch."""
+        from psft_megatron.megatron_compat import version_in
+
+        return version_in(self.megatron)
+
+
+# Sites: megatron-core call sites that need the patch, as traced (PSFT_CPU_COMPAT_TRACE) over
+# the whole test suite, "0.16.1 line / 0.19.2 line" under megatron/core/.
+PATCHES: List[Patch] = [
+    Patch("device_argument", "device='cuda' (or an ordinal) in any torch call -> cpu", ">=0.16.1",
+          "pipeline_parallel/schedules.py total_num_tokens in all three schedules (596, 983, 2138 / "
+          "749, 1121, 2292); optimizer/clip_grads.py get_grad_norm_fp32 (103 / 108, 112), "
+          "clip_grad_by_total_norm_fp32 (174 / 180); utils.py local_multi_tensor_l2_norm (1207 / 1332); "
+          "optimizer/optimizer.py __init__ (481, 485, 907 / 698, 702, 1249) and, new in 0.19, "
+          "has_grad_norm_group (315)",
+          *_mode_patch("device_argument")),
+    Patch("pin_memory", "pin_memory=True dropped", ">=0.16.1",
+          "models/common/embeddings/rope_utils.py get_pos_emb_on_this_cp_rank (62 / 62; RoPE with CP)",
+          *_mode_patch("pin_memory")),
+    Patch("tensor_cuda", "Tensor.cuda() returns the tensor", ">=0.16.1",
+          "rope_utils.py get_pos_emb_on_this_cp_rank (64 / 64); models/common/language_module/"
+          "language_module.py setup_embeddings_and_output_layer (244 / 307; tied embeddings under PP); "
+          "optimizer/distrib_optimizer.py get_parameter_state_dp_zero (1089 / 1374)",
+          *_mode_patch("tensor_cuda")),
+    Patch("tensor_type_name", "Tensor.type() of a CPU tensor reads 'torch.cuda.<T>'", ">=0.16.1",
+          "optimizer/clip_grads.py clip_grad_by_total_norm_fp32 asserts 'torch.cuda.FloatTensor' "
+          "(167 / 174); optimizer/distrib_optimizer.py _build_model_and_main_param_groups (361, 420 / "
+          "401, 466) and __init__ (582 / 758)",
+          *_mode_patch("tensor_type_name")),
+    Patch("current_device", "torch.cuda.current_device() -> torch.device('cpu')", ">=0.16.1",
+          "tensor_parallel/mappings.py _gather_along_first_dim, _reduce_scatter_along_first_dim, "
+          "_gather_along_last_dim (141, 181, 91 / 145, 185, 95); tensor_parallel/layers.py backward "
+          "(552 / 647; in autograd's thread); pipeline_parallel/p2p_communication.py receive buffers "
+          "(313, 321 / 334, 342); distributed/param_and_grad_buffer.py __init__ (800, 806 / 1180, "
+          "1186); rotary_pos_embedding.py get_emb (162 / 162); utils.py GlobalMemoryBuffer.get_tensor "
+          "(631 / 715); dist_checkpointing/strategies/state_dict_saver.py (252 / 252); "
+          "distrib_optimizer.py get_parameter_state_dp_zero (1077 / 1362)",
+          *_attribute_patch("current_device", _current_device_targets)),
+    Patch("synchronize", "torch.cuda.synchronize() is a no-op", ">=0.16.1",
+          "pipeline_parallel/p2p_communication.py _communicate (398 / 419); dist_checkpointing/"
+          "strategies/filesystem_async.py preload_tensors (230 / 248)",
+          *_attribute_patch("synchronize", _synchronize_targets)),
+    Patch("current_stream", "torch.cuda.current_stream() is an inert CPU stream", ">=0.19",
+          "distributed/param_and_grad_buffer.py start_grad_sync (- / 632): from 0.19.0 every grad "
+          "sync waits on the current stream for CUDA-graph events; 0.16-0.18 call it only with "
+          "several distributed-optimizer instances",
+          *_attribute_patch("current_stream", _current_stream_targets)),
+    Patch("cuda_rng", "torch.cuda.get_rng_state / manual_seed -> the CPU default generator", ">=0.16.1",
+          "tensor_parallel/random.py CudaRNGStatesTracker.add (235, 237, 238 / 303, 305, 306), "
+          "_get_cuda_rng_state (55 / 118; every fork), model_parallel_cuda_manual_seed (422 / 490)",
+          *_attribute_patch("cuda_rng", _cuda_rng_targets)),
+    Patch("megatron_set_rng_state", "megatron's _set_cuda_rng_state sets the CPU generator", ">=0.16.1",
+          "tensor_parallel/random.py _set_cuda_rng_state, called by CudaRNGStatesTracker.add (240 / "
+          "308) and fork (255, 277 / 323, 345): torch.cuda._lazy_call never runs it without CUDA",
+          *_attribute_patch("megatron_set_rng_state", _megatron_rng_targets)),
+]
+
+_BY_NAME = {patch.name: patch for patch in PATCHES}
+
+
+def patches_off_from_env() -> List[str]:
+    """The patch names in ``$PSFT_PATCHES_OFF`` that belong to this module."""
+    names = [n.strip() for n in os.environ.get(PATCHES_OFF_ENV, "").split(",") if n.strip()]
+    return [n for n in names if n in _BY_NAME]
 
 
 def is_installed() -> bool:
@@ -168,13 +353,19 @@ def is_installed() -> bool:
     return _installed_mode is not None
 
 
+def applied() -> List[str]:
+    """The names of the patches in effect (installed, needed by this megatron-core, not off)."""
+    return list(_applied)
+
+
 def install() -> None:
-    """Install the CPU compatibility layer for the rest of the process (idempotent).
+    """Install the CPU compatibility layer for the rest of the process (idempotent): every
+    patch this megatron-core release needs, except those named in ``$PSFT_PATCHES_OFF``.
 
     Raises:
         RuntimeError: if CUDA is available - GPU runs must use megatron-core unchanged.
     """
-    global _installed_mode
+    global _installed_mode, _trace
     with _lock:
         if _installed_mode is not None:
             return
@@ -183,8 +374,35 @@ def install() -> None:
                 "psft_megatron.cpu_compat must not be installed when CUDA is available; "
                 "GPU runs use megatron-core's CUDA paths unchanged."
             )
-        _patch_torch_cuda()
-        _patch_megatron_rng()
+        trace_dir = os.environ.get(TRACE_ENV)
+        if trace_dir:
+            _trace = collections.defaultdict(collections.Counter)
+            atexit.register(_write_trace, trace_dir)
+        off = set(patches_off_from_env())
+        for patch in PATCHES:
+            if patch.needed() and patch.name not in off:
+                patch.apply()
+                _applied.append(patch.name)
         mode = _CudaToCpuMode()
         mode.__enter__()
         _installed_mode = mode
+
+
+@contextlib.contextmanager
+def disabled(*names: str):
+    """Revert the named patches inside the block (tests: show what a patch is for).
+
+    Names not in effect are ignored, so a patch this release does not need can be "disabled"
+    to show megatron-core working without it.
+    """
+    unknown = [n for n in names if n not in _BY_NAME]
+    if unknown:
+        raise KeyError(f"unknown cpu_compat patches {unknown}; known: {sorted(_BY_NAME)}")
+    reverted = [n for n in names if n in _applied]
+    for name in reverted:
+        _BY_NAME[name].revert()
+    try:
+        yield
+    finally:
+        for name in reverted:
+            _BY_NAME[name].apply()
