@@ -7,6 +7,7 @@ from typing import List, Optional
 import torch
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.module import Float16Module
 
 from psft_megatron.model.config import ModelConfig
 from psft_megatron.model.layer_specs import build_block_spec, resolve_layer_spec
@@ -49,6 +50,22 @@ def build_gpt_chunks(model_cfg: ModelConfig, config, layer_spec: Optional[str] =
             model.cuda(torch.cuda.current_device())
         chunks.append(model)
     return chunks
+
+
+def wrap_float16(chunks: List[GPTModel], config) -> list:
+    """Wrap each chunk in megatron's ``Float16Module`` (bf16/fp16 parameters and activations)
+    that hands the last stage's output on in the model's precision (:class:`HalfPrecisionOutput`)."""
+    return [HalfPrecisionOutput(config, chunk) for chunk in chunks]
+
+
+class HalfPrecisionOutput(Float16Module):
+    """megatron's ``Float16Module`` with ``fp32_output=False`` by default: the last stage's
+    logits [b, s, V/tp] reach the loss in bf16/fp16, not as an fp32 copy (which would double the
+    largest tensor of the step and its gradient). The log-prob op upcasts chunk by chunk
+    (docs/logprobs.md)."""
+
+    def forward(self, *inputs, fp32_output: bool = False, **kwargs):
+        return super().forward(*inputs, fp32_output=fp32_output, **kwargs)
 
 
 def wrap_ddp(chunks: List[GPTModel], config, ddp_config) -> list:

@@ -9,7 +9,7 @@ from megatron.core.distributed import DistributedDataParallelConfig, finalize_mo
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from psft_megatron.model.builder import build_gpt_chunks, wrap_ddp
+from psft_megatron.model.builder import build_gpt_chunks, wrap_ddp, wrap_float16
 from psft_megatron.model.config import ModelConfig
 from psft_megatron.model.fp8 import FP8Config
 from psft_megatron.model.fusions import Kernels, fusion_fields
@@ -105,10 +105,8 @@ def setup_model_and_optimizer(
     if after_build is not None:
         after_build(chunks)
     if config.bf16 or config.fp16:
-        # As Megatron-LM: half-precision params, fp32 logits out of the last stage.
-        from megatron.core.transformer.module import Float16Module
-
-        chunks = [Float16Module(config, chunk) for chunk in chunks]
+        # Half-precision params; the logits leave the last stage in half precision too.
+        chunks = wrap_float16(chunks, config)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=overlap_grad_reduce,
