@@ -63,16 +63,17 @@ def synthetic_data(args) -> str:
 
 def timed_round(trainer) -> tuple:
     """(wall seconds per step, CPU seconds per step summed over ranks) of one round."""
+    from psft_megatron.runtime import all_reduce_values
+
     trainer.step = 0
     torch.distributed.barrier()
     start, cpu_start = time.perf_counter(), time.process_time()
     trainer.train()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    cpu = torch.tensor([time.process_time() - cpu_start], dtype=torch.float64)
-    torch.distributed.all_reduce(cpu)
+    (cpu,) = all_reduce_values([time.process_time() - cpu_start])  # on the device, as NCCL needs
     torch.distributed.barrier()
-    return (time.perf_counter() - start) / trainer.step, cpu.item() / trainer.step
+    return (time.perf_counter() - start) / trainer.step, cpu / trainer.step
 
 
 def main() -> None:

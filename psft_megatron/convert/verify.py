@@ -1,4 +1,5 @@
-"""``--verify``: one forward pass of the HF model and of our GPTModel on CPU in fp32, compared.
+"""``--verify``: one forward pass of the HF model and of our GPTModel in fp32, compared; on the
+GPU when there is one (:func:`psft_megatron.runtime.device`), else on the CPU.
 
 Both models are held in memory (fp32) here, unlike the conversion itself.
 """
@@ -19,13 +20,18 @@ def sample_tokens(vocab_size: int, batch: int = 2, seq_len: int = 16, seed: int 
 
 
 def hf_logits(hf_dir: str, tokens: torch.Tensor) -> torch.Tensor:
-    """[b, s, V] fp32 logits of ``AutoModelForCausalLM`` (eager attention) from ``hf_dir``."""
+    """[b, s, V] fp32 logits (on the host) of ``AutoModelForCausalLM`` (eager attention) from ``hf_dir``,
+    computed on this process's device."""
     from transformers import AutoModelForCausalLM
 
+    from psft_megatron.runtime import device
+
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager")
-    model.eval()
+    model.to(device()).eval()
     with torch.no_grad():
-        return model(input_ids=tokens).logits.float()
+        logits = model(input_ids=tokens.to(device())).logits.float().cpu()
+    del model
+    return logits
 
 
 def megatron_logits(cfg: ModelConfig, ckpt_dir: str, tokens: torch.Tensor) -> torch.Tensor:
