@@ -78,8 +78,11 @@ def save_checkpoint(ckpt_dir: str, chunks: List, optimizer=None, common: Optiona
     """
     from megatron.core import dist_checkpointing
 
+    from psft_megatron.megatron_compat import write_legacy_common_state
+
     os.makedirs(ckpt_dir, exist_ok=True)
     dist_checkpointing.save(_sharded_state_dict(chunks, optimizer, False, common, per_rank), ckpt_dir)
+    write_legacy_common_state(ckpt_dir)  # loadable by every supported megatron-core release
 
 
 def load_common(ckpt_dir: str) -> Dict[str, Any]:

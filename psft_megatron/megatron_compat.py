@@ -15,6 +15,8 @@ Sections:
 - version: :func:`megatron_version`, :func:`version_in`;
 - context-parallel batch slicing: :func:`get_batch_on_this_cp_rank` (0.18 added a required
   ``is_hybrid_cp`` argument and no longer falls back to megatron's CP group);
+- checkpoints: :func:`write_legacy_common_state` (0.19 stopped writing ``common.pt``, which
+  0.16-0.18 need to load a checkpoint);
 - GPTModel output processor: :func:`has_output_processor`,
   :func:`forward_with_output_processor` (a hook ``GPTModel.forward`` has from 0.18 on).
 """
@@ -90,6 +92,47 @@ def get_batch_on_this_cp_rank(batch: Dict[str, Any], cp_group=None) -> Dict[str,
     if _cp_slice_takes_hybrid_flag(slice_batch):
         return slice_batch(batch, is_hybrid_cp=False, cp_group=cp_group)
     return slice_batch(batch, cp_group=cp_group)
+
+
+# ============================================================================================
+# checkpoints: where the common (non-tensor) state is stored
+# ============================================================================================
+# dist_checkpointing.save (torch_dist) stores the common, non-tensor part of a checkpoint
+# (iteration, config, the optimizer's param groups, ...)
+#   0.16-0.18: in <checkpoint>/common.pt;
+#   0.19:      inside the torch_dist files, as the ShardedObject "common_state" (no common.pt).
+# 0.19 reads both forms (common.pt first); 0.16-0.18 read only common.pt and fail on a 0.19
+# checkpoint ("Common file .../common.pt does not exist"). Tensors and ShardedObjects are
+# stored alike by all four releases.
+
+COMMON_STATE_FILE = "common.pt"
+
+
+def write_legacy_common_state(ckpt_dir: str) -> bool:
+    """After ``dist_checkpointing.save``: add ``common.pt`` where this release did not write it,
+    so that every supported release loads the checkpoint. Collective (call on every rank).
+
+    Returns:
+        True if the file was written (0.19), False if the release had written it (0.16-0.18).
+    """
+    import os
+
+    from megatron.core import dist_checkpointing
+
+    path = os.path.join(ckpt_dir, COMMON_STATE_FILE)
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    written = False
+    if rank == 0 and not os.path.exists(path):
+        common = dist_checkpointing.load_common_state_dict(ckpt_dir)
+        tmp = path + ".tmp"
+        torch.save(common, tmp)
+        os.replace(tmp, path)
+        written = True
+    if torch.distributed.is_initialized():
+        flag = [written]
+        torch.distributed.broadcast_object_list(flag, src=0)
+        written = flag[0]
+    return written
 
 
 # ============================================================================================

@@ -158,6 +158,9 @@ def write_checkpoint(cfg: ModelConfig, out_dir: str, tensor_fn: Callable[[str], 
     os.makedirs(out_dir, exist_ok=True)
     dist_checkpointing.save({"model": sharded}, out_dir, sharded_strategy=_lazy_strategy(resolve))
     cache.clear()
+    from psft_megatron.megatron_compat import write_legacy_common_state
+
+    write_legacy_common_state(out_dir)  # loadable by every supported megatron-core release
 
 
 def _region_of(value) -> Tuple[str, Tuple[int, ...], Tuple[int, ...]]:

@@ -11,16 +11,17 @@ import tempfile
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 
-def torchrun(script: str, nproc: int, args, timeout: int = 600, env: dict = None) -> dict:
+def torchrun(script: str, nproc: int, args, timeout: int = 600, env: dict = None, python: str = None) -> dict:
     """Run ``script`` on ``nproc`` processes (gloo on CPU, NCCL with CUDA); the script writes
     JSON to ``--out``. ``env``: extra environment variables (``CUDA_VISIBLE_DEVICES=""`` forces
-    a CPU run on a GPU machine).
+    a CPU run on a GPU machine). ``python``: another interpreter (another environment: the
+    cross-release checkpoint test); default this one.
 
     Raises AssertionError with the tail of the log if the launch fails.
     """
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.json")
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+        cmd = [python or sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                os.path.join(REPO, script), *args, "--out", out]
         full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONPATH=REPO, **(env or {}))
         proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
