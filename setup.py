@@ -9,14 +9,23 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["psft_megatron", "psft_megatron.*"]),
-    python_requires=">=3.10",
+    # Tested on 3.11 and 3.12; megatron-core 0.17 and later need Python 3.12.
+    python_requires=">=3.10,<3.13",
+    classifiers=[
+        "Programming Language :: Python :: 3.10",
+        "Programming Language :: Python :: 3.11",
+        "Programming Language :: Python :: 3.12",
+    ],
     install_requires=[
-        # torch is not pinned here: GPU clusters bring their own build (NGC container);
-        # `make test` installs the CPU wheel torch==2.13.0 when torch is missing.
-        "torch>=2.4",
-        # Tested with 0.16.1; the CPU layer and the distributed-optimizer fixes patch
-        # megatron-core internals, so stay inside the tested minor version.
-        "megatron-core>=0.16.1,<0.17",
+        # torch is not pinned here: GPU clusters bring their own build (NGC container), and an
+        # installed torch that satisfies this is kept as it is. megatron-core needs >= 2.6.
+        "torch>=2.6",
+        # Tested with 0.16.1 and 0.19.2 (`make test` runs both); psft_megatron.megatron_compat
+        # bridges their differences, and the CPU layer and the distributed-optimizer fixes are
+        # re-checked per release, so stay below the next, unchecked minor version. An installed
+        # megatron-core in the range (e.g. an NGC container's) is kept as it is.
+        "megatron-core>=0.16.1,<0.20",
+        "packaging>=24.2",  # megatron_compat's version checks (megatron-core requires it too)
         "sentencepiece>=0.2",
         "transformers>=4.45",
         "safetensors>=0.4",
