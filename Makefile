@@ -1,31 +1,77 @@
-# psft-megatron: `make test` and `make demo` set everything up in .venv and run.
+# psft-megatron: `make test` and `make demo` set everything up and run.
 #
-#   make test        install (CPU path: torch==2.13.0 if torch is missing) and run the test suite
-#   make demo        install and run the demo job (PSFT on configs/tiny_cpu.yaml, 2 gloo processes, TP=2 + SP)
-#   make install     only the set-up
+#   make test          both test lanes, one after the other (the current lane's venv is built in
+#                      the background while the fast lane runs); prints each lane's result and
+#                      fails if either fails:
+#                        fast lane     Python 3.11, megatron-core 0.16.1, torch 2.13.0 (local CPU
+#                                      wheel), in .venv: FAST_TESTS
+#                        current lane  Python 3.12, megatron-core 0.19.2, torch 2.13.0 from the
+#                                      registry (the CUDA build; runs on CPU), in a venv cached under
+#                                      ~/.cache/psft-megatron/ keyed on .ci/current-lane.txt:
+#                                      CURRENT_TESTS (the whole suite)
+#   make test-fast     the fast lane only (FAST_TESTS=tests for the whole suite there)
+#   make test-current  the current lane only
+#   make demo          install and run the demo job (PSFT on configs/tiny_cpu.yaml, 2 gloo processes, TP=2 + SP)
+#   make install       only the fast lane's .venv (what `make demo` uses)
 #
-# On a GPU node with torch already installed (e.g. an NGC PyTorch container), reuse the
-# container's torch and Transformer Engine:  make test VENV_FLAGS=--system-site-packages
+# In an NGC PyTorch container, test the container's own stack instead (no venv, no pins):
+#   pip install -e '.[test]' && python -m pytest tests
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 VENV_FLAGS ?=
-TORCH_VERSION ?= 2.13.0
+TORCH_VERSION ?= $(shell sed -n 's/^torch==//p' .ci/fast-lane.txt)
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install test demo clean
+# The current lane's interpreter: PYTHON_CURRENT, else a working python3.12, else pyenv's 3.12.
+PYTHON_CURRENT ?= $(shell for p in python3.12 $$(ls -d $(HOME)/.pyenv/versions/3.12*/bin/python 2>/dev/null | sort -V -r); do \
+	$$p -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null && command -v $$p && break; done)
+CACHE_DIR ?= $(HOME)/.cache/psft-megatron
+CURRENT_KEY := $(shell cat .ci/current-lane.txt 2>/dev/null | sha256sum | cut -c1-12)
+CURRENT_VENV ?= $(CACHE_DIR)/venv-py312-$(CURRENT_KEY)
+LANE_LOGS ?= .lanes
 
-$(VENV)/.installed: setup.py
+# Tests per lane, chosen by file (a file that does not exist yet is simply not there):
+# the fast lane runs what depends on megatron-core's internals and layouts: parity (with its
+# checkpoint scenarios), trainer, long jobs, checkpoints, conversion, fake CUDA, and the
+# version bridges and patches themselves.
+FAST_TESTS ?= $(wildcard tests/test_parallel_parity.py tests/test_trainer.py tests/test_long_jobs.py \
+	tests/test_convert*.py tests/test_fake_cuda.py tests/test_fp8_path.py tests/test_cpu_compat.py \
+	tests/test_distopt_fixes.py tests/test_megatron_compat.py tests/test_cross_version_checkpoints.py \
+	tests/test_packaging.py)
+CURRENT_TESTS ?= tests
+
+.PHONY: install test test-fast test-current current-install demo clean print-fast-python print-current-python
+
+$(VENV)/.installed: setup.py .ci/fast-lane.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "torch==$(TORCH_VERSION)"
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test]" "$$(grep '^megatron-core' .ci/fast-lane.txt)"
 	touch $@
 
 install: $(VENV)/.installed
 
-test: install
-	OMP_NUM_THREADS=1 $(PY) -m pytest -ra $(PYTEST_ARGS) tests
+current-install:
+	@test -n "$(PYTHON_CURRENT)" || { echo "current lane: no Python 3.12 found (set PYTHON_CURRENT=/path/to/python3.12)"; exit 1; }
+	.ci/current_venv.sh "$(PYTHON_CURRENT)" "$(CURRENT_VENV)" .ci/current-lane.txt
+
+test-fast: install
+	OMP_NUM_THREADS=1 $(PY) -m pytest -ra $(PYTEST_ARGS) $(FAST_TESTS)
+
+# PSFT_OTHER_PYTHON: the fast lane's interpreter, for the cross-release checkpoint test.
+test-current: current-install
+	OMP_NUM_THREADS=1 PSFT_OTHER_PYTHON=$(if $(wildcard $(PY)),$(abspath $(PY))) \
+		$(CURRENT_VENV)/bin/python -m pytest -ra $(PYTEST_ARGS) $(CURRENT_TESTS)
+
+test:
+	@MAKE="$(MAKE)" LANE_LOGS="$(LANE_LOGS)" .ci/test_lanes.sh
+
+print-fast-python:
+	@echo $(abspath $(PY))
+
+print-current-python:
+	@echo $(CURRENT_VENV)/bin/python
 
 DEMO_DIR ?= runs/tiny_cpu
 demo: install
@@ -38,5 +84,6 @@ demo: install
 	@echo "metrics:      $(DEMO_DIR)/metrics.jsonl"
 	@echo "plot:         $(DEMO_DIR)/metrics.png"
 
+# The cached current-lane venvs stay (rm -rf ~/.cache/psft-megatron to drop them).
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) *.egg-info .pytest_cache $(LANE_LOGS)
