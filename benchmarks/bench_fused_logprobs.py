@@ -28,7 +28,7 @@ The output layer is megatron's column-parallel GEMM: ``F.linear`` on CUDA (with 
 of the hidden gradient over TP, as ``ColumnParallelLinear`` does). On CPU, half-precision
 GEMMs of torch run at 0.4-19 GFLOP/s on CPUs without bf16 matrix units (against ~100 for
 fp32), so there the output layer is the same tiled fp32-accumulating GEMM that the fused op
-uses (bf16 in, bf16 out, 1024 x 1024 tiles, no extra full-size buffers): all variants pay
+uses (bf16 in, bf16 out, its CPU tiles, no extra full-size buffers): all variants pay
 the same price per GEMM.
 
 Run by hand (not part of the test suite)::

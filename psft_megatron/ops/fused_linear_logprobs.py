@@ -49,8 +49,9 @@ from psft_megatron.ops.vocab_parallel_logprobs import (
 __all__ = ["fused_linear_logprobs", "default_fused_tiles"]
 
 #: rows per chunk and vocabulary entries per block of a tile, by device type. A fp32 tile is
-#: 4 MiB on CPU (cache-friendly, no page faults) and 32 MiB on accelerators (large GEMMs).
-_TILE_CPU = (1024, 1024)
+#: 1 MiB on CPU (cache-friendly; the fp32 copies of the tile's hidden rows and weight rows are
+#: 7 MiB each at h = 3584) and 32 MiB on accelerators (large GEMMs).
+_TILE_CPU = (512, 512)
 _TILE_ACCEL = (1024, 8192)
 
 _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
@@ -393,8 +394,9 @@ def fused_linear_logprobs(
             projected: their log-prob and entropy are returned as 0 and get no gradient. Must
             be the same on every rank of the TP group.
         return_entropy: also return the entropy of the full distribution.
-        chunk_size: rows per chunk (one TP exchange of statistics per chunk). ``None``: 1024.
-        vocab_block_size: vocabulary entries per tile. ``None``: 1024 on CPU, 8192 on
+        chunk_size: rows per chunk (one TP exchange of statistics per chunk). ``None``: 512 on
+            CPU, 1024 on accelerators.
+        vocab_block_size: vocabulary entries per tile. ``None``: 512 on CPU, 8192 on
             accelerators.
 
     Returns:
