@@ -23,10 +23,7 @@ from psft_megatron.config.schema import (
     ModelSection,
     RunConfig,
 )
-
-
-class ConfigError(ValueError):
-    """A bad run configuration; the message names the key."""
+from psft_megatron.errors import ConfigError
 
 
 def _closest(key: str, options: Sequence[str]) -> str:

@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from psft_megatron.errors import ConfigError as _ConfigError
+from psft_megatron.errors import DataErrorBase
+
 
 @dataclass(frozen=True)
 class Location:
@@ -23,7 +26,7 @@ class Location:
         return self.file
 
 
-class DataError(ValueError):
+class DataError(DataErrorBase):
     """Bad input data. ``location`` (may be None) names file and line/row."""
 
     def __init__(self, message: str, location: Optional[Location] = None):
@@ -32,5 +35,5 @@ class DataError(ValueError):
         super().__init__(f"{location}: {message}" if location is not None else message)
 
 
-class ConfigError(ValueError):
+class ConfigError(_ConfigError):
     """Bad data/tokenizer settings; the message names the config key."""

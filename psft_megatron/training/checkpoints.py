@@ -23,11 +23,9 @@ from typing import List, Optional
 
 import torch
 
+from psft_megatron.errors import CheckpointError
+
 _ITER = re.compile(r"^iter_(\d{7,})$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be written or read; the message names the path."""
 
 
 def _fsync_tree(path: str) -> None:
