@@ -35,6 +35,7 @@ from psft_megatron.data.packing import pack, packed_row_length, packing_efficien
 from psft_megatron.data.readers import iter_records
 from psft_megatron.data.schema import to_conversation
 from psft_megatron.data.tokenizers import Tokenizer
+from psft_megatron.errors import on_rank0_then_all
 
 logger = logging.getLogger(__name__)
 
@@ -212,9 +213,7 @@ def _tokenize_on_rank0_first(data_cfg: DataConfig, tokenizer: Tokenizer, tok_cfg
 
     if not data_cfg.cache_dir or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
-    if dist.get_rank() == 0:
-        load_or_tokenize(data_cfg, tokenizer, tok_cfg)
-    dist.barrier()
+    on_rank0_then_all(lambda: load_or_tokenize(data_cfg, tokenizer, tok_cfg))  # a data error: on every rank
 
 
 def _keep(ids, mask, stats: LengthStats):

@@ -156,9 +156,24 @@ def _check_devices(func, flat: List[Any]) -> Optional[int]:
     return index
 
 
+def _cuda_only(func) -> bool:
+    """An op with a CUDA kernel and none for the CPU: a CUDA build of torch picks such fused
+    kernels for CUDA tensors (``rms_norm`` -> ``_fused_rms_norm``); a CPU build never does."""
+    name = func.name()
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    return has(name, "CUDA") and not has(name, "CPU") and not has(name, "CompositeExplicitAutograd") \
+        and not has(name, "CompositeImplicitAutograd")
+
+
 def _dispatch(func, args, kwargs):
     flat, spec = tree_flatten((args, kwargs))
     index = _check_devices(func, flat)
+    if _cuda_only(func):  # run its decomposition: its parts come back here as ordinary ops
+        from torch._decomp import decomposition_table
+
+        if func not in decomposition_table:
+            raise NotImplementedError(f"fake CUDA: {func} has only a CUDA kernel and no decomposition, at {_where()}")
+        return decomposition_table[func](*args, **kwargs)
     to_host = False
     if "device" in kwargs and kwargs["device"] is not None:
         if _is_cuda(kwargs["device"]):
@@ -248,7 +263,32 @@ class _FakeCudaFunctionMode(TorchFunctionMode):
         if func is torch.Tensor.tolist and isinstance(args[0], FakeCudaTensor):
             _note_d2h("tolist")
             return args[0].elem.tolist()
+        if func is torch.nn.functional.scaled_dot_product_attention and isinstance(args[0], FakeCudaTensor):
+            return _sdpa_math(*args, **kwargs)
         return func(*args, **kwargs)
+
+
+def _sdpa_math(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """SDPA on CUDA tensors, written out (matmul, softmax, dropout). A CUDA build of torch picks
+    the SDPA kernel with cuDNN/flash queries that need the CUDA library (a CPU build skips
+    them); written out, every part runs here on the values like any other op.
+    query [..., hq, sq, d], key/value [..., hk, sk, d] (hq a multiple of hk with enable_gqa)."""
+    if enable_gqa and query.shape[-3] != key.shape[-3]:
+        groups = query.shape[-3] // key.shape[-3]
+        key = key.repeat_interleave(groups, dim=-3)
+        value = value.repeat_interleave(groups, dim=-3)
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    scores = torch.matmul(query, key.transpose(-2, -1)) * scale
+    if is_causal:
+        sq, sk = scores.shape[-2:]
+        keep = torch.ones(sq, sk, dtype=torch.bool, device=scores.device).tril(diagonal=sk - sq)
+        scores = scores.masked_fill(~keep, float("-inf"))
+    elif attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    probs = torch.softmax(scores.float(), dim=-1).to(query.dtype)
+    if dropout_p > 0:
+        probs = torch.nn.functional.dropout(probs, p=dropout_p)
+    return torch.matmul(probs, value)
 
 
 _DATA_SET = torch.Tensor.data.__set__
