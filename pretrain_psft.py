@@ -5,11 +5,17 @@
 
 Config: NeMo-style YAML composed by Hydra (``--config-path``, ``--config-name``, dotted
 overrides); every key is in docs/config.md. Unknown keys are errors.
+
+Exit status: 0 when the run ends (``trainer.max_steps`` reached, or stopped by SIGTERM/SIGUSR1
+after saving a checkpoint); 2 for a bad config, data or checkpoint, reported as one line
+(``config error: KEY: ...``, ``data error: FILE:line N: ...``, ``checkpoint error: PATH: ...``)
+by global rank 0, without a traceback on any rank.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -21,24 +27,22 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    from psft_megatron.config import ConfigError, load_run_config
+def _is_rank0() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
 
-    try:
-        cfg, resolved = load_run_config(args.config_path, args.config_name, args.overrides)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
+
+def run(args) -> int:
+    """Load the config, set up, train, save; raises :class:`psft_megatron.errors.UserError`."""
+    from psft_megatron.config import load_run_config
+    from psft_megatron.startup import quiet_megatron_import
+
+    cfg, resolved = load_run_config(args.config_path, args.config_name, args.overrides)
+    quiet_megatron_import(announce=_is_rank0())
     from psft_megatron.training.trainer import Trainer
 
     trainer = Trainer(cfg, resolved)
     try:
         trainer.setup()
-    except ConfigError as exc:  # layout, paths, optional packages: all before distributed start
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
-    try:
         trainer.train()
         if trainer.preempted:
             return 0
@@ -54,6 +58,18 @@ def main(argv=None) -> int:
 
         shutdown()
     return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    from psft_megatron.errors import UserError
+
+    try:
+        return run(args)
+    except UserError as exc:  # raised alike on every rank; one line from global rank 0
+        if _is_rank0():
+            print(exc.line(), file=sys.stderr, flush=True)
+        return 2
 
 
 if __name__ == "__main__":

@@ -85,13 +85,137 @@ def save_checkpoint(ckpt_dir: str, chunks: List, optimizer=None, common: Optiona
     write_legacy_common_state(ckpt_dir)  # loadable by every supported megatron-core release
 
 
+def not_a_checkpoint(ckpt_dir: str) -> Optional[str]:
+    """Why ``ckpt_dir`` is not a megatron distributed checkpoint (with the fix), or None."""
+    if not os.path.isdir(ckpt_dir):
+        return "not a directory"
+    if os.path.isfile(os.path.join(ckpt_dir, "metadata.json")):
+        return None
+    names = set(os.listdir(ckpt_dir))
+    if "config.json" in names and any(n.endswith((".safetensors", ".bin")) or n.endswith(".index.json") for n in names):
+        return (f"a Hugging Face model directory, not a megatron checkpoint; convert it first: "
+                f"python tools/convert_hf_to_megatron.py --hf-dir {ckpt_dir} --out <megatron checkpoint dir>")
+    if "latest" in names:
+        return "a trainer's checkpoints/ directory; name one checkpoint in it (its 'latest' file says which)"
+    return "not a megatron distributed checkpoint (no metadata.json)"
+
+
+def damaged(ckpt_dir: str) -> Optional[str]:
+    """Why the files of checkpoint ``ckpt_dir`` cannot be loaded, naming the file; None if they
+    look intact. Reads metadata only (no tensor data): ``metadata.json``, the torch_dist index
+    ``.metadata``, every data file it references (present and long enough for every byte range
+    it names) and ``common.pt``."""
+    import json
+
+    problem = not_a_checkpoint(ckpt_dir)
+    if problem:
+        return f"{ckpt_dir}: {problem}"
+    meta_json = os.path.join(ckpt_dir, "metadata.json")
+    try:
+        with open(meta_json, encoding="utf-8") as f:
+            json.load(f)
+    except (OSError, ValueError) as exc:
+        return f"{meta_json}: unreadable ({type(exc).__name__})"
+    index = os.path.join(ckpt_dir, ".metadata")
+    try:
+        import pickle
+
+        with open(index, "rb") as f:
+            metadata = pickle.load(f)
+        storage = metadata.storage_data
+    except Exception as exc:  # noqa: BLE001 - any failure to unpickle the index means a damaged file
+        return f"{index}: unreadable ({type(exc).__name__})"
+    needed: Dict[str, int] = {}
+    for info in storage.values():
+        path = os.path.join(ckpt_dir, info.relative_path)
+        needed[path] = max(needed.get(path, 0), int(info.offset) + int(info.length))
+    for path, size in sorted(needed.items()):
+        if not os.path.isfile(path):
+            return f"{path}: missing"
+        if os.path.getsize(path) < size:
+            return f"{path}: truncated ({os.path.getsize(path)} bytes, the index needs {size})"
+    common = os.path.join(ckpt_dir, "common.pt")
+    if not os.path.isfile(common):
+        return f"{common}: missing"
+    try:
+        import torch
+
+        torch.load(common, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - any failure to load it means a damaged file
+        return f"{common}: unreadable ({type(exc).__name__})"
+    return None
+
+
+def _checked(ckpt_dir: str) -> None:
+    from psft_megatron.errors import CheckpointError
+
+    problem = damaged(ckpt_dir)
+    if problem:
+        raise CheckpointError(problem)
+
+
 def load_common(ckpt_dir: str) -> Dict[str, Any]:
-    """The ``common`` values of a checkpoint, without loading tensors."""
+    """The ``common`` values of a checkpoint, without loading tensors (CheckpointError naming the
+    file if the checkpoint is damaged)."""
     from megatron.core import dist_checkpointing
 
-    if not dist_checkpointing.check_is_distributed_checkpoint(ckpt_dir):
-        raise FileNotFoundError(f"{ckpt_dir}: not a megatron distributed checkpoint (no metadata.json)")
+    _checked(ckpt_dir)
     return dist_checkpointing.load_common_state_dict(ckpt_dir)
+
+
+def _model_items(state: dict):
+    """(key, item) of every ShardedTensor / factory / object in one chunk's request."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
+
+    for item in nested_values(state):
+        if isinstance(item, ShardedObject):
+            yield item.unique_key, item  # stored objects are keyed per shard
+        elif isinstance(item, (ShardedTensor, ShardedTensorFactory)):
+            yield item.key, item
+
+
+#: stored keys that are not model weights: optimizer state, per-rank state
+_NOT_MODEL_PREFIXES = ("optimizer.", PER_RANK_KEY)
+
+
+def check_model_keys(ckpt_dir: str, requests: List[dict], stored: dict) -> None:
+    """Every weight the model asks for is in the checkpoint with the same global shape, and
+    every weight of the checkpoint is asked for; else CheckpointError naming the first keys.
+
+    Exceptions (docs/checkpoints.md): ``_extra_state`` (FP8 metadata) either way; the vocab
+    dimension of the embedding and output layer (megatron marks them ``allow_shape_mismatch``:
+    vocab padding rows depend on TP); optimizer state (a weights-only load skips it).
+
+    Args:
+        requests: the model chunks' sharded state dicts.
+        stored: the checkpoint's ``load_sharded_metadata`` (key -> sharded item, global shapes).
+    """
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    from psft_megatron.errors import CheckpointError
+
+    wanted = {}
+    for request in requests:
+        wanted.update(_model_items(request))
+    missing = sorted(k for k in wanted if k not in stored and not k.endswith("_extra_state"))
+    unexpected = sorted(k for k in stored if k not in wanted and not k.endswith("_extra_state")
+                        and not k.startswith(_NOT_MODEL_PREFIXES))
+
+    def few(keys):
+        return ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
+
+    hint = "; was it saved with another architecture? (compare its model.yaml with the run's model keys)"
+    if missing:
+        raise CheckpointError(f"{ckpt_dir}: the model needs weights the checkpoint does not have: {few(missing)}{hint}")
+    if unexpected:
+        raise CheckpointError(f"{ckpt_dir}: the checkpoint has weights the model does not use: {few(unexpected)}{hint}")
+    for key, item in sorted(wanted.items()):
+        have = stored.get(key)
+        if isinstance(item, ShardedTensor) and isinstance(have, ShardedTensor) and not item.allow_shape_mismatch \
+                and tuple(item.global_shape) != tuple(have.global_shape):
+            raise CheckpointError(f"{ckpt_dir}: weight {key} has shape {list(have.global_shape)} in the checkpoint, "
+                                  f"the model needs {list(item.global_shape)}{hint}")
 
 
 def _drop_missing_extra_states(model_state: dict, stored: set) -> Dict[str, str]:
@@ -127,18 +251,28 @@ def load_checkpoint(ckpt_dir: str, chunks: List, optimizer=None, strict: bool = 
         the loaded state dict's non-model, non-optimizer entries (the ``common`` values, and
         this rank's ``per_rank_state`` if ``per_rank``), plus ``missing_extra_state``.
     Raises:
-        FileNotFoundError: naming ``ckpt_dir`` if it holds no megatron distributed checkpoint.
+        CheckpointError: naming the file if ``ckpt_dir`` is no megatron distributed checkpoint
+            or is damaged; with ``strict``, naming the first weights the model and the
+            checkpoint disagree on (:func:`check_model_keys`).
     """
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 
-    if not dist_checkpointing.check_is_distributed_checkpoint(ckpt_dir):
-        raise FileNotFoundError(f"{ckpt_dir}: not a megatron distributed checkpoint (no metadata.json)")
+    from psft_megatron.errors import CheckpointError
+
+    _checked(ckpt_dir)
     request = _sharded_state_dict(chunks, optimizer, True, None, per_rank=0 if per_rank else None)
     keys = [_model_key(i, len(chunks)) for i in range(len(chunks))]
-    stored = set(load_sharded_metadata(ckpt_dir))
+    stored_items = load_sharded_metadata(ckpt_dir)
+    if strict:
+        check_model_keys(ckpt_dir, [request[key] for key in keys], stored_items)
+    stored = set(stored_items)
     dropped = {key: _drop_missing_extra_states(request[key], stored) for key in keys}
-    state = dist_checkpointing.load(request, ckpt_dir)
+    try:
+        state = dist_checkpointing.load(request, ckpt_dir)
+    except (OSError, EOFError, RuntimeError, KeyError) as exc:  # files changed under us, or unreadable data
+        raise CheckpointError(f"{ckpt_dir}: loading failed ({type(exc).__name__}: {str(exc).splitlines()[0][:300]})") \
+            from None
     for key, chunk in zip(keys, chunks):
         loaded = state.pop(key)
         # None means "no saved state" to TE's set_extra_state (fresh FP8 metadata), as it does

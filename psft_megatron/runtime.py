@@ -107,9 +107,15 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+#: True when :func:`initialize` created the default process group (so :func:`shutdown` ends it)
+_owns_default_group = False
+
+
 def _init_process_group(backend: Optional[str], timeout_minutes: int) -> str:
+    global _owns_default_group
     if torch.distributed.is_initialized():
         return torch.distributed.get_backend()
+    _owns_default_group = True
     if "RANK" not in os.environ:  # plain `python script.py`: a world of one
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
@@ -226,11 +232,14 @@ def all_reduce_values(values, op: str = "sum", group=None) -> list:
 
 
 def shutdown() -> None:
-    """Destroy megatron's groups and the default process group (end of a run)."""
+    """Destroy megatron's groups, and the default process group if :func:`initialize` created
+    it (end of a run; a caller that started torch.distributed itself keeps its group)."""
+    global _owns_default_group
     from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-    if torch.distributed.is_initialized():
+    if torch.distributed.is_initialized() and _owns_default_group:
         torch.distributed.destroy_process_group()
+        _owns_default_group = False
 

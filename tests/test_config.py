@@ -61,11 +61,32 @@ def test_layout_checks_name_the_keys(model, world, message):
         check_layout(cfg, world)
 
 
+#: what tools/convert_hf_to_megatron.py records for the models the shipped configs restore
+#: (from their HF config.json files), by restore_from_path
+RESTORED_MODELS = {
+    "/ckpt/qwen2.5-7b-instruct": dict(num_layers=28, hidden_size=3584, ffn_hidden_size=18944, num_attention_heads=28,
+                                      num_query_groups=4, vocab_size=152064, max_position_embeddings=32768,
+                                      rotary_base=1e6, norm_epsilon=1e-6, add_qkv_bias=True),
+    "/ckpt/llama3.1-8b-instruct": dict(num_layers=32, hidden_size=4096, ffn_hidden_size=14336, num_attention_heads=32,
+                                       num_query_groups=8, vocab_size=128256, max_position_embeddings=131072,
+                                       rotary_base=5e5, norm_epsilon=1e-5,
+                                       rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+    "/ckpt/qwen3-4b-base": dict(num_layers=36, hidden_size=2560, ffn_hidden_size=9728, num_attention_heads=32,
+                                num_query_groups=8, head_dim=128, vocab_size=151936, max_position_embeddings=32768,
+                                rotary_base=1e6, norm_epsilon=1e-6, qk_layernorm=True, tie_word_embeddings=True),
+}
+
+
 @pytest.mark.parametrize("name", sorted(f[:-5] for f in os.listdir(CONFIGS) if f.endswith(".yaml")))
 def test_shipped_configs_load_and_fit_their_world(name):
     from psft_megatron.model import ModelConfig
+    from psft_megatron.model_record import ModelRecord, merge_architecture
 
     cfg, _ = load_run_config(CONFIGS, name)
+    if cfg.model.restore_from_path:  # the architecture comes from the checkpoint's model.yaml
+        record = ModelRecord("model.yaml", RESTORED_MODELS[cfg.model.restore_from_path])
+        cfg.model.architecture = merge_architecture(record, cfg.model.architecture)
     check_layout(cfg, (cfg.trainer.devices or 1) * cfg.trainer.num_nodes)
     arch = dict(cfg.model.architecture)
     arch.setdefault("vocab_size", 1000)  # the tiny config takes it from its tokenizer

@@ -36,7 +36,7 @@ def main(argv=None) -> int:
                         help="megatron torch_dist checkpoint directory, or a trainer's checkpoints/ dir (uses 'latest')")
     parser.add_argument("--out", required=True, help="output HF directory (created; must be empty)")
     parser.add_argument("--hf-template", default=None, help="HF directory with config.json / tokenizer to reuse")
-    parser.add_argument("--config", default=None, help="YAML with a model: section (default <ckpt>/model.yaml)")
+    parser.add_argument("--config", default=None, help="YAML whose model: keys override the checkpoint's model.yaml (needed only for checkpoints without one)")
     parser.add_argument("--tokenizer", default=None, help="directory to copy tokenizer files from")
     parser.add_argument("--architecture", default=None,
                         help="LlamaForCausalLM | Qwen2ForCausalLM | Qwen3ForCausalLM when there is no template")

@@ -136,8 +136,28 @@ def _check_values(cfg: RunConfig) -> None:
         raise ConfigError(f"model.optim.sched.name={cfg.model.optim.sched.name!r} is not one of {', '.join(SCHEDULES)}")
     if cfg.model.optim.name not in ("adam", "adamw"):
         raise ConfigError(f"model.optim.name={cfg.model.optim.name!r} is not one of adam, adamw")
-    if len(cfg.model.optim.betas) != 2:
-        raise ConfigError(f"model.optim.betas must have two values, got {cfg.model.optim.betas}")
+    optim = cfg.model.optim
+    if len(optim.betas) != 2:
+        raise ConfigError(f"model.optim.betas must have two values, got {optim.betas}")
+    ranges = (
+        ("model.optim.lr", optim.lr, optim.lr > 0, "must be > 0"),
+        ("model.optim.weight_decay", optim.weight_decay, optim.weight_decay >= 0, "must be >= 0"),
+        ("model.optim.betas", optim.betas, all(0 <= b < 1 for b in optim.betas), "must be in [0, 1)"),
+        ("model.optim.eps", optim.eps, optim.eps > 0, "must be > 0"),
+        ("model.optim.sched.warmup_steps", optim.sched.warmup_steps, optim.sched.warmup_steps >= 0, "must be >= 0"),
+        ("model.optim.sched.min_lr", optim.sched.min_lr, 0 <= optim.sched.min_lr <= optim.lr,
+         f"must be in [0, model.optim.lr={optim.lr}]"),
+        ("trainer.gradient_clip_val", cfg.trainer.gradient_clip_val, cfg.trainer.gradient_clip_val >= 0,
+         "must be >= 0 (0: no clipping)"),
+        ("trainer.val_check_interval", cfg.trainer.val_check_interval, cfg.trainer.val_check_interval >= 0,
+         "must be >= 0 (0: never)"),
+        ("trainer.log_every_n_steps", cfg.trainer.log_every_n_steps, cfg.trainer.log_every_n_steps >= 1, "must be >= 1"),
+        ("model.psft.kl_coef", psft.kl_coef, psft.kl_coef >= 0, "must be >= 0"),
+        ("model.global_batch_size", cfg.model.global_batch_size, cfg.model.global_batch_size >= 1, "must be >= 1"),
+    )
+    for key, value, ok, rule in ranges:
+        if not ok:
+            raise ConfigError(f"{key}={value} {rule}")
     if cfg.trainer.max_steps < 1:
         raise ConfigError(f"trainer.max_steps={cfg.trainer.max_steps} must be >= 1")
     fp8 = fp8_config(cfg.model)

@@ -61,6 +61,7 @@ class ExpManagerSection:
     create_wandb_logger: bool = False
     wandb_logger_kwargs: Dict[str, Any] = field(default_factory=dict)
     resume_if_exists: bool = True
+    resume_fallback: bool = True  # a damaged latest checkpoint: resume from the newest intact one
     checkpoint_callback_params: CheckpointSection = field(default_factory=CheckpointSection)
 
 

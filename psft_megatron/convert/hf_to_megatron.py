@@ -23,8 +23,8 @@ from psft_megatron.convert.errors import ConversionError
 from psft_megatron.convert.hf_config import model_config_from_hf
 from psft_megatron.model.config import ModelConfig
 
-HF_CONFIG_DIR = "hf_config"
-MODEL_YAML = "model.yaml"
+from psft_megatron.model_record import HF_CONFIG_DIR, MODEL_YAML, write_model_record  # noqa: F401 (re-exported)
+
 CONVERSION_JSON = "conversion.json"
 _HF_DTYPES = {"bfloat16": "bfloat16", "float32": "float32", "float16": "float16"}
 
@@ -69,21 +69,17 @@ def check_tensors(reader: hf_io.SafetensorsReader, cfg: ModelConfig) -> bool:
     return has_lm_head
 
 
-def write_model_yaml(cfg: ModelConfig, path: str, hf_dir: Optional[str] = None) -> None:
-    """``{"model": dataclasses.asdict(cfg)}`` as YAML (loadable by ``ModelConfig.from_dict``)."""
-    import yaml
-
-    header = "# Model section written by tools/convert_hf_to_megatron.py"
-    if hf_dir:
-        tokenizer = os.path.join(os.path.dirname(os.path.abspath(path)), HF_CONFIG_DIR)
-        header += f" from {hf_dir}.\n# Tokenizer for training: model.tokenizer.model: {tokenizer}"
-    with open(path, "w") as f:
-        f.write(header + "\n")
-        yaml.safe_dump({"model": dataclasses.asdict(cfg)}, f, sort_keys=False)
+def write_model_yaml(cfg: ModelConfig, ckpt_dir: str, hf_dir: Optional[str] = None, tokenizer: bool = False) -> None:
+    """``<ckpt_dir>/model.yaml`` (:mod:`psft_megatron.model_record`): the architecture and, when
+    the HF side files include a tokenizer, ``model.tokenizer`` pointing at them."""
+    tok = {"library": "huggingface", "model": HF_CONFIG_DIR} if tokenizer else None
+    source = {"kind": "converted", "hf_dir": os.path.abspath(hf_dir)} if hf_dir else None
+    write_model_record(ckpt_dir, cfg, tokenizer=tok, source=source,
+                       header="Model written by tools/convert_hf_to_megatron.py" + (f" from {hf_dir}" if hf_dir else ""))
 
 
-def read_model_yaml(path: str) -> ModelConfig:
-    """ModelConfig from a YAML file with a top-level ``model:`` section.
+def model_yaml_values(path: str) -> Dict[str, Any]:
+    """The ModelConfig fields set in a YAML file's top-level ``model:`` section.
 
     Keys of ``model:`` that are not ModelConfig fields (``tokenizer``, ``data``, the parallel
     layout, ... of a training config) are ignored; NeMo spellings of the architecture keys
@@ -105,7 +101,24 @@ def read_model_yaml(path: str) -> ModelConfig:
         name = MODEL_KEY_ALIASES.get(key, key)
         if name in fields:
             values[name] = value
-    return ModelConfig.from_dict(values)
+    return values
+
+
+def model_config_from_values(values: Dict[str, Any], where: str) -> ModelConfig:
+    """ModelConfig from plain values; a missing or bad key is a ConversionError naming ``where``."""
+    missing = [f.name for f in dataclasses.fields(ModelConfig)
+               if f.default is dataclasses.MISSING and f.name not in values]
+    if missing:
+        raise ConversionError(f"{where}: the model config lacks {', '.join('model.' + k for k in missing)}")
+    try:
+        return ModelConfig.from_dict(values)
+    except ValueError as exc:
+        raise ConversionError(f"{where}: {exc}") from None
+
+
+def read_model_yaml(path: str) -> ModelConfig:
+    """ModelConfig from a YAML file with a top-level ``model:`` section (see :func:`model_yaml_values`)."""
+    return model_config_from_values(model_yaml_values(path), path)
 
 
 def convert_hf_to_megatron(
@@ -146,9 +159,9 @@ def convert_hf_to_megatron(
         return mapping.hf_to_megatron(rules[name], reader.get, cfg).to(dtype_t)
 
     megatron_io.write_checkpoint(cfg, out_dir, tensor_fn)
-    write_model_yaml(cfg, os.path.join(out_dir, MODEL_YAML), hf_dir)
     side = os.path.join(out_dir, HF_CONFIG_DIR)
     copied = hf_io.copy_side_files(hf_dir, side, hf_io.TOKENIZER_FILES + (hf_io.GENERATION_CONFIG, "config.json"))
+    write_model_yaml(cfg, out_dir, hf_dir, tokenizer=bool(set(copied) & set(hf_io.TOKENIZER_FILES)))
     with open(os.path.join(side, CONVERSION_JSON), "w") as f:
         json.dump({"architecture": arch, "source": os.path.abspath(hf_dir), "has_lm_head": has_lm_head,
                    "hf_tensors": sorted(reader.names()), "side_files": copied}, f, indent=2)

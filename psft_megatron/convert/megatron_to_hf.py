@@ -16,7 +16,8 @@ import torch
 from psft_megatron.convert import hf_io, mapping
 from psft_megatron.convert.errors import ConversionError
 from psft_megatron.convert.hf_config import hf_config_from_model
-from psft_megatron.convert.hf_to_megatron import CONVERSION_JSON, HF_CONFIG_DIR, MODEL_YAML, read_model_yaml
+from psft_megatron.convert.hf_to_megatron import (CONVERSION_JSON, HF_CONFIG_DIR, MODEL_YAML, model_config_from_values,
+                                                  model_yaml_values)
 
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
            "fp16": torch.float16, "float16": torch.float16}
@@ -31,6 +32,29 @@ def _tokenizer_dir_from_config(config_path: str) -> Optional[str]:
     tok = (data.get("model") or {}).get("tokenizer") or {}
     path = tok.get("model") or tok.get("type")
     return path if path and os.path.isdir(path) else None
+
+
+def _export_model_config(ckpt_dir: str, config: Optional[str], log):
+    """The model to export: ``<ckpt>/model.yaml`` (every checkpoint this package writes has
+    one), with the ``model:`` keys of ``config`` (a YAML) overriding it, each override logged.
+    Returns (ModelConfig, ModelRecord or None)."""
+    from psft_megatron.errors import CheckpointError
+    from psft_megatron.model_record import read_model_record
+
+    try:
+        record = read_model_record(ckpt_dir)
+    except CheckpointError as exc:
+        raise ConversionError(str(exc)) from None
+    if record is None and config is None:
+        raise ConversionError(f"{ckpt_dir}: no {MODEL_YAML} (a checkpoint written by an older version?); pass "
+                              "--config with a YAML that has the model: section")
+    values = dict(record.architecture) if record else {}
+    if config is not None:
+        for key, value in model_yaml_values(config).items():
+            if record is not None and key in values and values[key] != value:
+                log(f"note: --config {config} overrides model.{key}: {values[key]!r} in the checkpoint -> {value!r}")
+            values[key] = value
+    return model_config_from_values(values, config or record.path), record
 
 
 def convert_megatron_to_hf(
@@ -53,8 +77,9 @@ def convert_megatron_to_hf(
             (its ``latest`` file names the checkpoint to export).
         hf_template: HF directory whose config.json / generation_config.json / tokenizer are
             used (default ``<ckpt>/hf_config`` when present). Its architecture must match.
-        config: YAML with a ``model:`` section (default ``<ckpt>/model.yaml``); a training
-            config's ``model.tokenizer.model`` directory supplies tokenizer files.
+        config: YAML whose ``model:`` keys override the checkpoint's ``model.yaml`` (every
+            checkpoint this package writes has one; needed only for older checkpoints); a
+            training config's ``model.tokenizer.model`` directory supplies tokenizer files.
         tokenizer: directory to copy tokenizer files from (overrides the template's).
         architecture: HF architecture when there is no template (default: from the config).
         dtype: output dtype; default the checkpoint's stored dtype (bit-exact).
@@ -67,10 +92,11 @@ def convert_megatron_to_hf(
         with open(latest) as f:  # a trainer's checkpoints/ directory: take the newest complete one
             ckpt_dir = os.path.join(ckpt_dir, f.read().strip())
         log(f"using {ckpt_dir} (named by {latest})")
-    config = config or os.path.join(ckpt_dir, MODEL_YAML)
-    if not os.path.exists(config):
-        raise ConversionError(f"no model config: pass --config (a YAML with a model: section); {config} does not exist")
-    cfg = read_model_yaml(config)
+    if config is not None and not os.path.exists(config):
+        raise ConversionError(f"--config {config} does not exist")
+    cfg, record = _export_model_config(ckpt_dir, config, log)
+    if hf_template is None and record is not None:
+        hf_template = record.hf_config_dir
     if hf_template is None and os.path.isdir(os.path.join(ckpt_dir, HF_CONFIG_DIR)):
         hf_template = os.path.join(ckpt_dir, HF_CONFIG_DIR)
     template_cfg, has_lm_head = None, False
@@ -106,7 +132,9 @@ def convert_megatron_to_hf(
 
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(hf, f, indent=2, sort_keys=True)
-    side_src = tokenizer or (_tokenizer_dir_from_config(config) if config else None)
+    recorded_tokenizer = (record.tokenizer.get("model") or record.tokenizer.get("type")) if record else None
+    side_src = tokenizer or (_tokenizer_dir_from_config(config) if config else None) or (
+        recorded_tokenizer if recorded_tokenizer and os.path.isdir(recorded_tokenizer) else None)
     copied = []
     if hf_template is not None:
         copied += hf_io.copy_side_files(hf_template, out_dir)

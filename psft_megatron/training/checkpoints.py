@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -63,12 +63,43 @@ class CheckpointManager:
         pointer = os.path.join(self.root, "latest")
         if not os.path.isfile(pointer):
             return None
-        with open(pointer, encoding="utf-8") as f:
-            name = f.read().strip()
+        try:
+            with open(pointer, encoding="utf-8") as f:
+                name = f.read().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{pointer}: unreadable ({type(exc).__name__}); it should hold the name of the newest "
+                                  "checkpoint, e.g. iter_0000100") from None
         path = os.path.join(self.root, name)
         if not _ITER.match(name) or not os.path.isdir(path):
             raise CheckpointError(f"{pointer} names {name!r}, which is not a checkpoint directory in {self.root}")
         return path
+
+    def resume_point(self, fallback: bool = True) -> Tuple[Optional[str], Optional[str]]:
+        """The checkpoint to resume from and, when it is not the one ``latest`` names, why.
+
+        The checkpoint ``latest`` names is checked for damage (missing or truncated files,
+        :func:`psft_megatron.checkpointing.damaged`); so is ``latest`` itself. With
+        ``fallback``, a damaged one is passed over for the newest intact older checkpoint;
+        without it, a damaged one is a CheckpointError naming the file. Every rank reaches the
+        same answer (it reads the same files). Returns (None, None) when there is nothing to
+        resume from.
+        """
+        from psft_megatron.checkpointing import damaged
+
+        try:
+            latest = self.latest()
+            problem = damaged(latest) if latest else None
+        except CheckpointError as exc:
+            latest, problem = None, str(exc)
+        if problem is None:
+            return latest, None
+        if not fallback:
+            raise CheckpointError(f"{problem}; set exp_manager.resume_fallback=true to resume from the newest intact "
+                                  "checkpoint, or exp_manager.resume_if_exists=false to start over")
+        for older in reversed(self.checkpoints()):
+            if older != latest and damaged(older) is None:
+                return older, f"{problem}: resuming from the newest intact checkpoint, {older}"
+        raise CheckpointError(f"{problem}; no older intact checkpoint in {self.root}")
 
     def checkpoints(self) -> List[str]:
         """Complete checkpoints, oldest first."""

@@ -27,10 +27,14 @@ class MetricsLogger:
         tensorboard: write TensorBoard scalars.
         wandb_kwargs: ``wandb.init`` keyword arguments, or None for no wandb.
         progress: print a progress line per logged step.
+        resume_step: the step a resumed run continues after: records of later steps (written
+            by the run past the checkpoint it resumed from) are removed from metrics.jsonl and
+            TensorBoard, so each step keeps one record. None: a fresh run (metrics.jsonl
+            starts empty).
     """
 
     def __init__(self, log_dir: str, max_steps: int, *, enabled: bool, tensorboard: bool = True,
-                 wandb_kwargs: Optional[dict] = None, progress: bool = True, resume: bool = False):
+                 wandb_kwargs: Optional[dict] = None, progress: bool = True, resume_step: Optional[int] = None):
         self.enabled = enabled
         self.max_steps = max_steps
         self.progress = progress
@@ -41,12 +45,16 @@ class MetricsLogger:
             return
         os.makedirs(log_dir, exist_ok=True)
         self.jsonl_path = os.path.join(log_dir, "metrics.jsonl")
-        self._jsonl = open(self.jsonl_path, "a" if resume else "w", encoding="utf-8")
+        self.dropped_records = _truncate_after(self.jsonl_path, resume_step) if resume_step is not None else 0
+        if self.dropped_records:
+            print(f"metrics.jsonl: removed {self.dropped_records} record(s) after step {resume_step} (written past "
+                  "the checkpoint this run resumes from)", flush=True)
+        self._jsonl = open(self.jsonl_path, "a" if resume_step is not None else "w", encoding="utf-8")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb_dir = os.path.join(log_dir, "tensorboard")
-            self._tb = SummaryWriter(self.tb_dir)
+            self._tb = SummaryWriter(self.tb_dir, purge_step=None if resume_step is None else resume_step + 1)
         if wandb_kwargs is not None:
             try:
                 import wandb
@@ -89,3 +97,25 @@ class MetricsLogger:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def _truncate_after(path: str, step: int) -> int:
+    """Remove the records of steps > ``step`` from a metrics.jsonl (atomically); returns how many."""
+    if not os.path.exists(path):
+        return 0
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    def kept(line: str) -> bool:
+        try:
+            return json.loads(line).get("step", 0) <= step
+        except ValueError:  # a line cut short by a killed process
+            return False
+
+    keep = [line for line in lines if line.strip() and kept(line)]
+    if len(keep) == len(lines):
+        return 0
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)
+    return len(lines) - len(keep)

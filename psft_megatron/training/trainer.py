@@ -13,6 +13,7 @@ reference (a frozen copy of the initial weights, same layout, no optimizer state
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -27,7 +28,10 @@ import torch
 
 from psft_megatron.config.loader import check_layout, check_paths, check_requirements, fp8_config
 from psft_megatron.config.schema import PRECISIONS, SCHEDULES, RunConfig
+from psft_megatron.errors import ConfigError
+from psft_megatron.model_record import write_model_record
 from psft_megatron.training.checkpoints import CheckpointManager
+from psft_megatron.training.restore import describe_restore, prepare_restore, record_for_save
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +116,26 @@ def log_dir_of(cfg: RunConfig) -> str:
     return em.explicit_log_dir or os.path.join(em.exp_dir, em.name)
 
 
+def model_config(architecture: Dict, tokenizer_vocab: int, precision: str):
+    """The run's :class:`psft_megatron.model.ModelConfig`: the architecture keys, the vocab
+    size (default the tokenizer's) and the parameter dtype of ``trainer.precision``; a missing
+    or bad key is a ConfigError naming it."""
+    from psft_megatron.model import ModelConfig
+
+    arch = dict(architecture)
+    arch.setdefault("vocab_size", tokenizer_vocab)
+    arch["params_dtype"] = PRECISIONS[precision]
+    required = [f.name for f in dataclasses.fields(ModelConfig) if f.default is dataclasses.MISSING]
+    missing = [key for key in required if key not in arch]
+    if missing:
+        raise ConfigError(f"{', '.join('model.' + k for k in missing)}: not set (set them, or restore a checkpoint "
+                          "that records its model with model.restore_from_path)")
+    try:
+        return ModelConfig.from_dict(arch)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(str(exc)) from None
+
+
 class Trainer:
     """Builds everything from a :class:`RunConfig` and trains. See the module docstring."""
 
@@ -128,6 +152,7 @@ class Trainer:
         self.consecutive_skips = 0
         self.skipped_steps = 0
         self.preempted = False
+        self.restored = None  # the model.yaml of model.restore_from_path (psft_megatron.model_record)
 
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:
@@ -136,15 +161,17 @@ class Trainer:
 
         from psft_megatron.data import DataConfig, SFTDataset, TokenizerConfig, build_tokenizer
         from psft_megatron.losses import LossConfig, PSFTLoss
-        from psft_megatron.model import ModelConfig
         from psft_megatron.runtime import ParallelConfig, initialize
         from psft_megatron.training.metrics_log import MetricsLogger
         from psft_megatron.training.setup import ScheduleConfig, setup_model_and_optimizer
 
         cfg, m = self.cfg, self.cfg.model
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        check_layout(cfg, world)  # before any distributed work
+        rank0 = int(os.environ.get("RANK", "0")) == 0
+        # before any distributed work: files, the restored model, the layout
         check_paths(cfg)
+        self.restored = prepare_restore(m, announce=rank0)
+        check_layout(cfg, world)
         check_requirements(cfg)
         tok_cfg = TokenizerConfig.from_dict(m.tokenizer)
         train_cfg = DataConfig.from_dict(m.data.train_ds, prefix="model.data.train_ds")
@@ -157,13 +184,10 @@ class Trainer:
         self.is_rank0 = self.info.rank == 0
 
         self.tokenizer = build_tokenizer(tok_cfg)
-        arch = dict(m.architecture)
-        arch.setdefault("vocab_size", self.tokenizer.vocab_size)
-        arch["params_dtype"] = PRECISIONS[str(cfg.trainer.precision)]
-        self.model_cfg = ModelConfig.from_dict(arch)
+        self.model_cfg = model_config(m.architecture, self.tokenizer.vocab_size, str(cfg.trainer.precision))
         if self.model_cfg.vocab_size < self.tokenizer.vocab_size:
-            raise ValueError(f"model.vocab_size={self.model_cfg.vocab_size} is smaller than the tokenizer's "
-                             f"{self.tokenizer.vocab_size} ({tok_cfg.model or tok_cfg.type})")
+            raise ConfigError(f"model.vocab_size={self.model_cfg.vocab_size} is smaller than the tokenizer's "
+                              f"{self.tokenizer.vocab_size} ({tok_cfg.model or tok_cfg.type})")
 
         tp, cp, sp = self.parallel.tensor_model_parallel_size, self.parallel.context_parallel_size, \
             self.parallel.sequence_parallel
@@ -194,6 +218,8 @@ class Trainer:
             overlap_grad_reduce=optim.overlap_grad_reduce, after_build=self._load_initial_weights,
             fp8=self.fp8)
         if self.is_rank0:
+            if m.restore_from_path:
+                print(describe_restore(m.restore_from_path, self.restored, dataclasses.asdict(self.model_cfg)), flush=True)
             print(f"model: layer spec {self.tm.layer_spec}, FP8 {self.fp8.describe()}", flush=True)
 
         psft = m.psft
@@ -204,7 +230,7 @@ class Trainer:
                                         kl_estimator=psft.kl_estimator, **common))
         self.sft_loss = PSFTLoss(LossConfig(kind="sft", **common))
         if psft.loss == "sft_kl" and psft.kl_estimator == "full":
-            raise NotImplementedError("model.psft.kl_estimator=full needs the reference logits in the training "
+            raise ConfigError("model.psft.kl_estimator=full needs the reference logits in the training "
                                       "step; the trainer supports k1 and k3 (use the plug-in directly for full)")
         if psft.loss == "psft" and psft.old_policy_interval == 1 and not psft.freeze_old_policy and self.is_rank0:
             print("WARNING: model.psft.old_policy_interval=1: the ratio is always 1 and PSFT equals SFT", flush=True)
@@ -217,14 +243,17 @@ class Trainer:
         self.sampler_state = self.sampler.state_dict()
         self.checkpoints = CheckpointManager(os.path.join(self.log_dir, "checkpoints"),
                                              keep_last=cfg.exp_manager.checkpoint_callback_params.save_top_k)
-        latest = self.checkpoints.latest() if cfg.exp_manager.resume_if_exists else None
+        latest, why = (self.checkpoints.resume_point(cfg.exp_manager.resume_fallback)
+                       if cfg.exp_manager.resume_if_exists else (None, None))
+        if why and self.is_rank0:
+            print(f"checkpoint: {why}", flush=True)
         if latest:
             self._resume(latest)
         self.metrics_log = MetricsLogger(
             self.log_dir, cfg.trainer.max_steps, enabled=self.is_rank0,
             tensorboard=cfg.exp_manager.create_tensorboard_logger,
             wandb_kwargs=(cfg.exp_manager.wandb_logger_kwargs if cfg.exp_manager.create_wandb_logger else None),
-            progress=cfg.trainer.progress_bar, resume=bool(latest))
+            progress=cfg.trainer.progress_bar, resume_step=self.step if latest else None)
         if self.is_rank0:
             os.makedirs(self.log_dir, exist_ok=True)
             with open(os.path.join(self.log_dir, "config_resolved.json"), "w") as f:
@@ -497,8 +526,13 @@ class Trainer:
                     "pending_old_logprobs": to_host([[m.get("old_logprobs") for m in micros]
                                                      for micros, _ in self.pending])}
 
+        record = record_for_save(self.model_cfg, self.cfg.model.tokenizer, self.step, self.cfg.model.restore_from_path,
+                                 self.restored)
+
         def write(path: str) -> None:
             save_checkpoint(path, self.tm.chunks, self.tm.optimizer, common=common, per_rank=per_rank)
+            if torch.distributed.get_rank() == 0:
+                write_model_record(path, **record)  # the model this checkpoint holds (export, restore)
 
         return self.checkpoints.save(self.step, write)
 
@@ -510,7 +544,7 @@ class Trainer:
         common = load_common(path)
         mine = uses_distributed_optimizer(self.tm.optimizer)
         if common.get("distributed_optimizer", mine) != mine:
-            raise ValueError(f"{path} was saved with model.optim.use_distributed_optimizer="
+            raise ConfigError(f"{path} was saved with model.optim.use_distributed_optimizer="
                              f"{str(common['distributed_optimizer']).lower()}; this run has {str(mine).lower()}: "
                              "the optimizer state formats differ. Set the same value to resume, or start from the "
                              "weights only with model.restore_from_path and exp_manager.resume_if_exists=false")
@@ -542,4 +576,5 @@ class Trainer:
             print(f"resumed from {path} at step {self.step}", flush=True)
 
     def close(self) -> None:
-        self.metrics_log.close()
+        if getattr(self, "metrics_log", None) is not None:  # None when set-up stopped early
+            self.metrics_log.close()

@@ -1,0 +1,46 @@
+"""What a run prints while it starts, and what it keeps quiet.
+
+megatron-core warns on import, once per process and module, that Transformer Engine and apex
+are missing (five ``UserWarning`` lines per rank on a CPU box). :func:`quiet_megatron_import`
+imports the megatron modules the trainer uses with those warnings recorded, and global rank 0
+prints one line instead.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+#: fragments of megatron-core's import-time warnings about optional packages
+_MISSING_PACKAGE_WARNINGS = ("Transformer Engine and Apex are not installed", "Apex is not installed",
+                             "Transformer Engine is not installed", "apex is not installed")
+
+
+#: warnings megatron-core raises about its own defaults on every model build (regex prefixes)
+_DEFAULT_NOISE = ("full scope is deprecated",)
+
+
+def quiet_megatron_import(announce: bool = True) -> list:
+    """Import megatron-core's model, optimizer and DDP modules with their missing-package
+    warnings collapsed into one line (printed when ``announce``, i.e. on global rank 0).
+    Other warnings pass through. Returns the collapsed messages (distinct, in order)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        import megatron.core.distributed  # noqa: F401
+        import megatron.core.models.gpt  # noqa: F401
+        import megatron.core.models.gpt.gpt_layer_specs  # noqa: F401
+        import megatron.core.optimizer  # noqa: F401
+        import megatron.core.pipeline_parallel  # noqa: F401
+    for message in _DEFAULT_NOISE:  # raised by megatron's own defaults, whatever the config says
+        warnings.filterwarnings("ignore", message=message)
+    collapsed = []
+    for item in caught:
+        message = str(item.message)
+        if any(fragment in message for fragment in _MISSING_PACKAGE_WARNINGS):
+            if message not in collapsed:
+                collapsed.append(message)
+        else:
+            warnings.warn_explicit(item.message, item.category, item.filename, item.lineno)
+    if collapsed and announce:
+        print("note: megatron-core runs without Transformer Engine and apex here (its torch fallbacks); "
+              "on GPUs install them for speed: pip install -e '.[te]'", flush=True)
+    return collapsed

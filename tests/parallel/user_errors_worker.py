@@ -1,0 +1,132 @@
+"""Bad inputs through ``pretrain_psft.main`` in ONE 2-process launch (tiny_cpu, TP=2 + SP).
+
+Each case runs the real entry point with its stdout and stderr captured on every rank and
+records the exit status and what each rank printed. The default process group is created
+here, so each case's shutdown leaves it for the next case. Cases, in order (later ones use
+the checkpoints of earlier ones):
+
+- train: 3 steps, a checkpoint every step;
+- fallback: the latest checkpoint's data file truncated; the resume takes the previous one;
+- bad `latest` with resume_fallback=false; restore mismatches; an HF directory; a damaged
+  restore checkpoint; strict loads (an extra and a missing weight); a negative lr; an empty
+  data file; a good restore (what it prints).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import shutil
+import sys
+
+import torch
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+sys.path.insert(0, REPO)
+
+import pretrain_psft  # noqa: E402
+
+BASE = ["trainer.val_check_interval=0", "trainer.progress_bar=false", "trainer.devices=null",
+        "exp_manager.create_tensorboard_logger=false", "model.global_batch_size=4", "model.micro_batch_size=2"]
+
+
+def run_case(work: str, name: str, overrides) -> dict:
+    """``pretrain_psft.main`` with ``overrides`` (log dir ``work/name``); what it returned and printed."""
+    out, err = io.StringIO(), io.StringIO()
+    argv = ["--config-path", os.path.join(REPO, "configs"), "--config-name", "tiny_cpu", *BASE,
+            f"exp_manager.explicit_log_dir={os.path.join(work, name)}", *overrides]
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = pretrain_psft.main(argv)
+        except BaseException as exc:  # noqa: BLE001 - recorded: the test says what escaped
+            code, err_text = f"raised {type(exc).__name__}: {exc}", err.getvalue()
+            return {"code": code, "stdout": out.getvalue(), "stderr": err_text}
+    torch.distributed.barrier()
+    return {"code": code, "stdout": out.getvalue(), "stderr": err.getvalue()}
+
+
+def on_rank0(fn) -> None:
+    if torch.distributed.get_rank() == 0:
+        fn()
+    torch.distributed.barrier()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--work", required=True)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    torch.distributed.init_process_group("gloo")
+    work, rank = args.work, torch.distributed.get_rank()
+    ckpts = os.path.join(work, "train", "checkpoints")
+    results = {}
+
+    results["train"] = run_case(work, "train", [
+        "trainer.max_steps=3", "exp_manager.checkpoint_callback_params.every_n_train_steps=1",
+        "exp_manager.checkpoint_callback_params.save_top_k=3"])
+
+    # damaged latest checkpoint: resume from the previous one; metrics.jsonl one record per step
+    on_rank0(lambda: open(os.path.join(ckpts, "iter_0000003", "__0_0.distcp"), "r+b").truncate(100))
+    results["fallback"] = run_case(work, "train", [
+        "trainer.max_steps=4", "exp_manager.resume_if_exists=true",
+        "exp_manager.checkpoint_callback_params.every_n_train_steps=1",
+        "exp_manager.checkpoint_callback_params.save_top_k=3"])
+    if rank == 0:
+        with open(os.path.join(work, "train", "metrics.jsonl")) as f:
+            results["metrics_steps"] = [json.loads(line)["step"] for line in f if line.strip()]
+
+    good = os.path.join(ckpts, "iter_0000002")
+    # copies of a good checkpoint: without model.yaml, truncated, without common.pt; an HF directory
+    def damage_copies():
+        for name in ("noyaml", "truncated", "nocommon"):
+            shutil.copytree(good, os.path.join(work, name))
+        os.remove(os.path.join(work, "noyaml", "model.yaml"))
+        with open(os.path.join(work, "truncated", "__0_1.distcp"), "r+b") as f:
+            f.truncate(1000)
+        os.remove(os.path.join(work, "nocommon", "common.pt"))
+        hf = os.path.join(work, "hf")
+        shutil.copytree(os.path.join(REPO, "examples", "data", "tiny_tokenizer"), hf)
+        for name in ("config.json", "model.safetensors"):
+            with open(os.path.join(hf, name), "w") as f:
+                f.write("{}")
+        open(os.path.join(work, "empty.jsonl"), "w").close()
+
+    on_rank0(damage_copies)
+    restart = ["trainer.max_steps=1", "exp_manager.resume_if_exists=false"]
+    cases = {
+        "bad_latest": (["trainer.max_steps=5", "exp_manager.resume_if_exists=true",
+                        "exp_manager.resume_fallback=false"], "train"),
+        "norm_epsilon_mismatch": (restart + [f"model.restore_from_path={good}", "model.norm_epsilon=1e-6"], None),
+        "tied_mismatch": (restart + [f"model.restore_from_path={good}", "model.tie_word_embeddings=true"], None),
+        "hf_dir": (restart + [f"model.restore_from_path={os.path.join(work, 'hf')}"], None),
+        "truncated_restore": (restart + [f"model.restore_from_path={os.path.join(work, 'truncated')}"], None),
+        "no_common": (restart + [f"model.restore_from_path={os.path.join(work, 'nocommon')}"], None),
+        "extra_weight": (restart + [f"model.restore_from_path={os.path.join(work, 'noyaml')}",
+                                    "model.add_qkv_bias=false"], None),
+        "missing_weight": (restart + [f"model.restore_from_path={os.path.join(work, 'noyaml')}",
+                                      "model.qk_layernorm=true"], None),
+        "negative_lr": (restart + ["model.optim.lr=-1"], None),
+        "empty_data": (restart + [f"model.data.train_ds.file_names=[{os.path.join(work, 'empty.jsonl')}]"], None),
+        "restore": (restart + [f"model.restore_from_path={good}"], None),
+    }
+    if rank == 0:
+        with open(os.path.join(ckpts, "latest"), "wb") as f:
+            f.write(b"\xff\xfe\x00binary")
+    torch.distributed.barrier()
+    for name, (overrides, log_name) in cases.items():
+        results[name] = run_case(work, log_name or name, overrides)
+    results = {"rank": rank, "cases": results}
+    gathered = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, results)
+    if rank == 0:
+        with open(args.out, "w") as f:
+            json.dump({"ranks": gathered}, f)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""Bad configs, data and checkpoints end in one line and exit status 2, on every rank, with no
+traceback; a damaged latest checkpoint falls back to the previous one; restores are strict and
+take the model from the checkpoint; README's export command works on a training checkpoint.
+The 2-process cases run in one launch (tests/parallel/user_errors_worker.py)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.parallel.launch import REPO, torchrun
+
+_cache = {}
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("user_errors"))
+
+
+def cases(work):
+    if "r" not in _cache:
+        result = torchrun("tests/parallel/user_errors_worker.py", 2, ["--work", work])
+        _cache["r"] = {r["rank"]: r["cases"] for r in result["ranks"]}
+    return _cache["r"]
+
+
+#: case -> (kind prefix of the one line, fragments it must contain)
+ERRORS = {
+    "bad_latest": ("checkpoint error:", ["checkpoints/latest: unreadable", "resume_fallback=true"]),
+    "norm_epsilon_mismatch": ("config error:", ["model.norm_epsilon=1e-06 in the YAML", "trained with 1e-05",
+                                                 "iter_0000002/model.yaml"]),
+    "tied_mismatch": ("config error:", ["model.tie_word_embeddings=True in the YAML", "trained with False"]),
+    "hf_dir": ("checkpoint error:", ["a Hugging Face model directory", "tools/convert_hf_to_megatron.py --hf-dir"]),
+    "truncated_restore": ("checkpoint error:", ["truncated/__0_1.distcp: truncated (1000 bytes"]),
+    "no_common": ("checkpoint error:", ["nocommon/common.pt: missing"]),
+    "extra_weight": ("checkpoint error:", ["weights the model does not use: decoder.layers.self_attention.linear_qkv.bias"]),
+    "missing_weight": ("checkpoint error:", ["the model needs weights the checkpoint does not have",
+                                             "q_layernorm.weight"]),
+    "negative_lr": ("config error:", ["model.optim.lr=-1.0 must be > 0"]),
+    "empty_data": ("data error:", ["empty.jsonl"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ERRORS))
+def test_one_line_exit_2_no_traceback_on_any_rank(name, work):
+    ranks = cases(work)
+    prefix, fragments = ERRORS[name]
+    rank0, rank1 = ranks[0][name], ranks[1][name]
+    assert rank0["code"] == 2 and rank1["code"] == 2, (rank0, rank1)
+    lines = rank0["stderr"].strip().splitlines()
+    assert len(lines) == 1, rank0["stderr"]
+    assert lines[0].startswith(prefix), lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    assert rank1["stderr"].strip() == "", rank1["stderr"]
+    for rank in (rank0, rank1):
+        assert "Traceback" not in rank["stdout"] + rank["stderr"]
+
+
+def test_damaged_latest_checkpoint_falls_back_and_metrics_keep_one_record_per_step(work):
+    r = cases(work)[0]
+    assert r["fallback"]["code"] == 0, r["fallback"]
+    out = r["fallback"]["stdout"]
+    assert "iter_0000003/__0_0.distcp: truncated" in out and "resuming from the newest intact checkpoint" in out, out
+    assert "resumed from" in out and "iter_0000002 at step 2" in out, out
+    assert r["metrics_steps"] == [1, 2, 3, 4]
+
+
+def test_restore_says_what_it_restored(work):
+    r = cases(work)[0]["restore"]
+    assert r["code"] == 0, r
+    assert "restored weights from" in r["stdout"] and "trained to step 2" in r["stdout"], r["stdout"]
+    assert "optimizer state, LR schedule and data position start fresh" in r["stdout"]
+
+
+def test_training_checkpoints_carry_their_model(work):
+    cases(work)
+    with open(os.path.join(work, "restore", "checkpoints", "latest")) as f:
+        ckpt = os.path.join(work, "restore", "checkpoints", f.read().strip())
+    import yaml
+
+    with open(os.path.join(ckpt, "model.yaml")) as f:
+        record = yaml.safe_load(f)
+    assert record["model"]["num_layers"] == 2 and record["model"]["add_qkv_bias"] is True
+    assert record["model"]["tokenizer"]["model"].endswith("examples/data/tiny_tokenizer")
+    assert record["source"]["kind"] == "trained" and record["source"]["restored_from"].endswith("iter_0000002")
+
+
+def test_readme_export_command_on_a_training_run(work, tmp_path):
+    """README: ``convert_megatron_to_hf.py --ckpt runs/<run>/checkpoints --out ... --verify``,
+    no --config: the model comes from the checkpoint (vocab size from the tokenizer included)."""
+    cases(work)
+    out = str(tmp_path / "hf")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONPATH=REPO)
+    proc = subprocess.run([sys.executable, "tools/convert_megatron_to_hf.py", "--ckpt",
+                           os.path.join(work, "restore", "checkpoints"), "--out", out, "--verify"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    with open(os.path.join(out, "config.json")) as f:
+        config = json.load(f)
+    assert config["vocab_size"] == 384 and config["num_hidden_layers"] == 2
+    assert os.path.exists(os.path.join(out, "tokenizer.json"))
+    assert "argmax agreement 1.0000" in proc.stdout, proc.stdout
+
+
+def test_world_of_one_exit_code_2(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    proc = subprocess.run([sys.executable, "pretrain_psft.py", "--config-path", "configs", "--config-name", "tiny_cpu",
+                           "trainer.devices=null", "model.optim.betas=[0.9,1.5]",
+                           f"exp_manager.explicit_log_dir={tmp_path}"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["config error: model.optim.betas=[0.9, 1.5] must be in [0, 1)"]
