@@ -45,18 +45,28 @@ class NonFiniteTrainingError(RuntimeError):
 
 class StopSignals:
     """SIGTERM / SIGUSR1 (SLURM preemption): the first asks the trainer to finish the current
-    step, save and exit 0; a second one exits at once (exit code 128 + signal number)."""
+    step, save and exit 0; a second one exits at once (exit code 128 + signal number).
+
+    The same signal again within :attr:`REPEAT_S` seconds is the same request delivered twice
+    (SLURM signals every process of a job step, and torchrun forwards what it receives to its
+    workers) and is ignored."""
 
     SIGNALS = ("SIGTERM", "SIGUSR1")
+    REPEAT_S = 10.0
 
     def __init__(self):
         self.name: Optional[str] = None
+        self._first = (None, 0.0)  # (signal number, monotonic time) of the first signal
         self._previous = {}
 
     def _handle(self, signum, frame):
         if self.name is not None:
+            first, when = self._first
+            if signum == first and time.monotonic() - when < self.REPEAT_S:
+                return
             os._exit(128 + signum)
         self.name = signal.Signals(signum).name
+        self._first = (signum, time.monotonic())
 
     def __enter__(self) -> "StopSignals":
         import threading
@@ -159,24 +169,23 @@ class Trainer:
         from megatron.core import parallel_state
         from megatron.core.optimizer import OptimizerConfig
 
-        from psft_megatron.data import DataConfig, SFTDataset, TokenizerConfig, build_tokenizer
+        from psft_megatron.data import SFTDataset, build_tokenizer
         from psft_megatron.losses import LossConfig, PSFTLoss
         from psft_megatron.runtime import ParallelConfig, initialize
+        from psft_megatron.training.data_plan import load_data_settings
         from psft_megatron.training.metrics_log import MetricsLogger
         from psft_megatron.training.setup import ScheduleConfig, setup_model_and_optimizer
 
         cfg, m = self.cfg, self.cfg.model
         world = int(os.environ.get("WORLD_SIZE", "1"))
         rank0 = int(os.environ.get("RANK", "0")) == 0
-        # before any distributed work: files, the restored model, the layout
+        # before any distributed work: data keys, files, the restored model, the layout
+        self.data = load_data_settings(cfg, world)
         check_paths(cfg)
         self.restored = prepare_restore(m, announce=rank0)
         check_layout(cfg, world)
         check_requirements(cfg)
-        tok_cfg = TokenizerConfig.from_dict(m.tokenizer)
-        train_cfg = DataConfig.from_dict(m.data.train_ds, prefix="model.data.train_ds")
-        val_cfg = (DataConfig.from_dict(m.data.validation_ds, prefix="model.data.validation_ds")
-                   if m.data.validation_ds else None)
+        tok_cfg, train_cfg, val_cfg = self.data.tokenizer, self.data.train, self.data.validation
         self.parallel = ParallelConfig(m.tensor_model_parallel_size, m.pipeline_model_parallel_size,
                                        m.virtual_pipeline_model_parallel_size, m.context_parallel_size,
                                        m.sequence_parallel)
@@ -200,6 +209,10 @@ class Trainer:
         if self.micro_batch_size != m.micro_batch_size and self.is_rank0:
             print(f"packing: micro-batches hold one packed row (model.micro_batch_size={m.micro_batch_size} "
                   "ignored); model.global_batch_size counts packed rows", flush=True)
+        # the data order, and the sizes checked before the first step
+        dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+        self.sampler = self.data.train_sampler(self.train_set, self.micro_batch_size, dp_rank, dp_size)
+        self.val_sampler = self.data.validation_sampler(self.val_set, dp_rank, dp_size)
         # Pipeline parallelism sends fixed-shape activations: every micro-batch is padded to the
         # full row length. Without PP, micro-batches are padded to their longest sample.
         self.row_length = self.train_set.row_length
@@ -239,7 +252,6 @@ class Trainer:
         self.frozen = self._build_frozen_copy() if needs_frozen else None
         self.dp_cp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
         self.num_parameters = self._count_parameters()
-        self.sampler = self._sampler(self.train_set, shuffle=train_cfg.shuffle, global_batch_size=m.global_batch_size)
         self.sampler_state = self.sampler.state_dict()
         self.checkpoints = CheckpointManager(os.path.join(self.log_dir, "checkpoints"),
                                              keep_last=cfg.exp_manager.checkpoint_callback_params.save_top_k)
@@ -258,7 +270,9 @@ class Trainer:
             os.makedirs(self.log_dir, exist_ok=True)
             with open(os.path.join(self.log_dir, "config_resolved.json"), "w") as f:
                 json.dump(self.resolved, f, indent=1)
-            for line in self.train_set.report_lines():
+            for line in self.train_set.report_lines() + (self.val_set.report_lines() if self.val_set else []) \
+                    + self.data.plan_lines(self.train_set, self.sampler, cfg.trainer.max_steps, self.val_set,
+                                           self.val_sampler, cfg.trainer.val_check_interval):
                 print(line, flush=True)
 
     def _count_parameters(self) -> int:
@@ -350,16 +364,6 @@ class Trainer:
             state = sampler.state_dict()  # the position after this batch (for resume)
             yield [to_device(slice_for_context_parallel(dataset.collate(items, pad_to=self.pad_to)), self.info.device)
                    for items in step_items], state
-
-    def _sampler(self, dataset, shuffle: bool, global_batch_size: int):
-        from megatron.core import parallel_state
-
-        from psft_megatron.data import SFTSampler
-
-        return SFTSampler(len(dataset), global_batch_size, self.micro_batch_size,
-                          dp_rank=parallel_state.get_data_parallel_rank(),
-                          dp_size=parallel_state.get_data_parallel_world_size(),
-                          seed=self.cfg.model.seed, shuffle=shuffle, drop_last=True)
 
     def _seq_length(self, micros) -> int:
         return int(micros[0]["tokens"].shape[1]) * self.parallel.context_parallel_size
@@ -490,19 +494,21 @@ class Trainer:
             self.forward_only_s[id(micros)] = time.time() - start
 
     def validate(self) -> Dict[str, float]:
-        """NLL and entropy on held-out data (``model.data.validation_ds``), forward only."""
+        """NLL and entropy on held-out data (``model.data.validation_ds``), forward only: one
+        pass in a fixed order (``trainer.limit_val_batches`` global batches of it), each sample
+        at most once; the last partial batch is filled with loss-free rows, so the metrics are
+        token means over exactly the evaluated samples (``num_samples``)."""
         from psft_megatron.training.forward import forward_only, make_train_forward_step
 
         if self.val_set is None:
             return {}
-        sampler = self._sampler(self.val_set, shuffle=False, global_batch_size=self.cfg.model.global_batch_size)
         forward_step = make_train_forward_step(self.sft_loss)
         collected: List[dict] = []
-        for i, (micros, _) in enumerate(self._micro_batches(self.val_set, sampler)):
-            if i >= self.cfg.trainer.limit_val_batches:
-                break
+        for micros, _ in self._micro_batches(self.val_set, self.val_sampler):
             collected += forward_only(self.tm.chunks, micros, forward_step, seq_length=self._seq_length(micros))
         metrics = self._share(collected, keys=("nll", "entropy", "num_tokens"))
+        metrics["num_samples"] = float(sum(len(self.val_set.item_samples(i)) for batch in
+                                           self.val_sampler.global_batches() for i in batch if i >= 0))
         self.metrics_log.log(self.step, metrics, split="val")
         return metrics
 
