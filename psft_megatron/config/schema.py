@@ -113,6 +113,7 @@ class DataSection:
 
     train_ds: Dict[str, Any] = field(default_factory=dict)
     validation_ds: Optional[Dict[str, Any]] = None
+    test_ds: Optional[Dict[str, Any]] = None  # NeMo's test set: accepted, not used (reported once)
 
 
 @dataclass

@@ -23,11 +23,11 @@ import json
 import os
 import shutil
 import tempfile
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from psft_megatron.data.errors import Location
+from psft_megatron.data.errors import DataError, Location
 
 FORMAT_VERSION = 1
 
@@ -46,12 +46,25 @@ def hash_data_files(paths: Sequence[str]) -> str:
 
 
 class TokenizedStore:
-    """N tokenised samples in flat arrays (see the module docstring)."""
+    """N tokenised samples in flat arrays (see the module docstring).
 
-    def __init__(self, ids, mask, offsets, src_file, src_pos, files: List[str], kinds: List[str]):
+    ``source_counts``: samples per ``file_names`` entry, in order (samples are stored file by
+    file), or None when unknown; ``stats``: the formatter's counts (e.g. field truncation).
+    """
+
+    def __init__(self, ids, mask, offsets, src_file, src_pos, files: List[str], kinds: List[str],
+                 source_counts: Optional[List[int]] = None, stats: Optional[dict] = None):
         self.ids, self.mask, self.offsets = ids, mask, offsets
         self.src_file, self.src_pos = src_file, src_pos
         self.files, self.kinds = files, kinds  # kinds[f] = "line" | "row"
+        self.source_counts = list(source_counts) if source_counts is not None else None
+        self.stats = dict(stats or {})
+
+    def sample_sources(self) -> np.ndarray:
+        """int64 [N]: the ``file_names`` index of every sample (all 0 when unknown)."""
+        if self.source_counts is None:
+            return np.zeros(len(self), dtype=np.int64)
+        return np.repeat(np.arange(len(self.source_counts), dtype=np.int64), self.source_counts)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -71,7 +84,8 @@ class TokenizedStore:
 
     @classmethod
     def from_samples(cls, samples: Sequence[Tuple[np.ndarray, np.ndarray]], locs: Sequence[Location],
-                     files: List[str]) -> "TokenizedStore":
+                     files: List[str], source_counts: Optional[List[int]] = None,
+                     stats: Optional[dict] = None) -> "TokenizedStore":
         lengths = np.fromiter((len(s[0]) for s in samples), dtype=np.int64, count=len(samples))
         offsets = np.zeros(len(samples) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
@@ -89,7 +103,7 @@ class TokenizedStore:
         for l in locs:
             if l.line is not None:
                 kinds[index[l.file]] = "line"
-        return cls(ids, mask, offsets, src_file, src_pos, list(files), kinds)
+        return cls(ids, mask, offsets, src_file, src_pos, list(files), kinds, source_counts, stats)
 
     # ------------------------------------------------------------------ disk
     def save(self, directory: str, meta: dict) -> None:
@@ -103,7 +117,8 @@ class TokenizedStore:
             for name in ("offsets", "src_file", "src_pos"):
                 np.save(os.path.join(tmp, f"{name}.npy"), getattr(self, name))
             meta = dict(meta, format_version=FORMAT_VERSION, num_samples=len(self), num_tokens=int(self.offsets[-1]),
-                        files=self.files, kinds=self.kinds)
+                        files=self.files, kinds=self.kinds, source_counts=self.source_counts)
+            meta.setdefault("stats", self.stats)
             with open(os.path.join(tmp, "meta.json"), "w") as f:
                 json.dump(meta, f, indent=1)
             try:
@@ -116,11 +131,23 @@ class TokenizedStore:
 
     @classmethod
     def load(cls, directory: str) -> "TokenizedStore":
-        """Memory-map a cache written by :meth:`save`."""
+        """Memory-map a cache written by :meth:`save`; a damaged cache is a DataError naming
+        the directory (delete it and it is rebuilt)."""
+        try:
+            return cls._load(directory)
+        except DataError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - truncated arrays, bad JSON, missing files
+            raise DataError(f"unreadable token cache ({type(exc).__name__}: {exc}); delete the directory and it is "
+                            "rebuilt", Location(directory)) from None
+
+    @classmethod
+    def _load(cls, directory: str) -> "TokenizedStore":
         with open(os.path.join(directory, "meta.json")) as f:
             meta = json.load(f)
         if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"cache {directory} has format {meta.get('format_version')}, expected {FORMAT_VERSION}")
+            raise DataError(f"token cache has format {meta.get('format_version')}, expected {FORMAT_VERSION}; "
+                            "delete the directory and it is rebuilt", Location(directory))
         n_tok = meta["num_tokens"]
         ids = np.memmap(os.path.join(directory, "ids.bin"), dtype=np.int32, mode="r", shape=(n_tok,)) if n_tok \
             else np.zeros(0, np.int32)
@@ -128,7 +155,8 @@ class TokenizedStore:
             else np.zeros(0, np.uint8)
         arrays = {name: np.load(os.path.join(directory, f"{name}.npy"), mmap_mode="r")
                   for name in ("offsets", "src_file", "src_pos")}
-        store = cls(ids, mask, arrays["offsets"], arrays["src_file"], arrays["src_pos"], meta["files"], meta["kinds"])
+        store = cls(ids, mask, arrays["offsets"], arrays["src_file"], arrays["src_pos"], meta["files"], meta["kinds"],
+                    meta.get("source_counts"), meta.get("stats"))
         store.meta = meta
         return store
 

@@ -58,12 +58,13 @@ def _shift(ids: np.ndarray, mask: np.ndarray):
     return ids[:-1], ids[1:], mask[1:]
 
 
-def collate_unpacked(samples: Sequence[SampleArrays], pad_id: int, multiple: int = 1,
+def collate_unpacked(samples: Sequence[Optional[SampleArrays]], pad_id: int, multiple: int = 1,
                      pad_to: Optional[int] = None, sample_index: Optional[Sequence[int]] = None
                      ) -> Dict[str, torch.Tensor]:
-    """b samples -> a [b, s] batch (see the module docstring)."""
+    """b samples -> a [b, s] batch (see the module docstring). A ``None`` sample gives a
+    padding row (pad tokens, loss mask 0, seq_ids -1): the filler of a partial batch."""
     b = len(samples)
-    longest = max(len(ids) - 1 for ids, _ in samples)
+    longest = max((len(sample[0]) - 1 for sample in samples if sample is not None), default=1)
     s = round_up(pad_to if pad_to is not None else longest, multiple)
     if longest > s:
         raise ValueError(f"a sample has {longest} positions > pad_to={pad_to} (rounded to {s})")
@@ -71,8 +72,10 @@ def collate_unpacked(samples: Sequence[SampleArrays], pad_id: int, multiple: int
     labels = np.full((b, s), pad_id, dtype=np.int64)
     loss_mask = np.zeros((b, s), dtype=np.float32)
     seq_ids = np.full((b, s), -1, dtype=np.int64)
-    for j, (ids, mask) in enumerate(samples):
-        t, lab, m = _shift(ids, mask)
+    for j, sample in enumerate(samples):
+        if sample is None:  # a padding row: no tokens, no loss
+            continue
+        t, lab, m = _shift(*sample)
         n = len(t)
         tokens[j, :n], labels[j, :n], loss_mask[j, :n], seq_ids[j, :n] = t, lab, m, j
     position_ids = np.broadcast_to(np.arange(s, dtype=np.int64), (b, s)).copy()

@@ -28,23 +28,35 @@ import numpy as np
 from psft_megatron.data.cache import TokenizedStore, hash_data_files, is_complete
 from psft_megatron.data.collate import collate_packed, collate_unpacked
 from psft_megatron.data.config import DataConfig, TokenizerConfig, settings_hash
-from psft_megatron.data.errors import DataError
+from psft_megatron.data.errors import DataError, Location
 from psft_megatron.data.formatting import SampleFormatter
 from psft_megatron.data.lengths import LengthStats, apply_length_policy, required_multiple
 from psft_megatron.data.packing import pack, packed_row_length, packing_efficiency
 from psft_megatron.data.readers import iter_records
 from psft_megatron.data.schema import to_conversation
+from psft_megatron.data.template import TemplateFormatter
 from psft_megatron.data.tokenizers import Tokenizer
 from psft_megatron.errors import on_rank0_then_all
 
 logger = logging.getLogger(__name__)
 
 
-def tokenize_files(data_cfg: DataConfig, formatter: SampleFormatter, chunk: int = 256) -> TokenizedStore:
-    """Read and tokenise every record of ``data_cfg.file_names``; errors name file and line/row."""
+def make_formatter(data_cfg: DataConfig, tokenizer: Tokenizer, tok_cfg: TokenizerConfig):
+    """The formatter of ``data_cfg``'s records: NeMo template data, or conversations."""
+    if data_cfg.uses_template:
+        return TemplateFormatter(tokenizer, data_cfg)
+    return SampleFormatter(tokenizer, tok_cfg)
+
+
+def tokenize_files(data_cfg: DataConfig, formatter, chunk: int = 256) -> TokenizedStore:
+    """Read and tokenise every record of ``data_cfg.file_names``; errors name file and line/row.
+
+    A file without a single record is an error naming it (an empty file is almost always a
+    mistake, and a weighted source needs samples)."""
     samples: List[Tuple[np.ndarray, np.ndarray]] = []
     locs = []
     convs, clocs = [], []
+    template = isinstance(formatter, TemplateFormatter)
 
     def flush():
         samples.extend(formatter.format_batch(convs, clocs))
@@ -52,18 +64,26 @@ def tokenize_files(data_cfg: DataConfig, formatter: SampleFormatter, chunk: int 
         convs.clear()
         clocs.clear()
 
+    counts = []
     for path in data_cfg.file_names:
+        before = len(samples) + len(convs)
         for record, loc in iter_records(path, data_cfg.split):
-            convs.append(to_conversation(record, loc, data_cfg.schema, data_cfg.prompt_key,
-                                         data_cfg.response_key, data_cfg.messages_key))
+            if template:
+                convs.append(formatter.convert(record, loc))
+            else:
+                convs.append(to_conversation(record, loc, data_cfg.schema, data_cfg.prompt_key,
+                                             data_cfg.response_key, data_cfg.messages_key))
             clocs.append(loc)
             if len(convs) >= chunk:
                 flush()
+        counts.append(len(samples) + len(convs) - before)
+        if counts[-1] == 0:
+            raise DataError("no records: the file is empty; add data or remove it from "
+                            f"{data_cfg.prefix}.file_names", Location(path))
     if convs:
         flush()
-    if not samples:
-        raise DataError(f"no samples in {data_cfg.file_names}")
-    return TokenizedStore.from_samples(samples, locs, list(data_cfg.file_names))
+    return TokenizedStore.from_samples(samples, locs, list(data_cfg.file_names), source_counts=counts,
+                                       stats=dict(formatter.stats))
 
 
 def cache_key(data_cfg: DataConfig, tokenizer: Tokenizer, tok_cfg: TokenizerConfig, formatter: SampleFormatter) -> str:
@@ -78,7 +98,7 @@ def load_or_tokenize(data_cfg: DataConfig, tokenizer: Tokenizer, tok_cfg: Tokeni
                      formatter: Optional[SampleFormatter] = None) -> Tuple[TokenizedStore, dict]:
     """The tokenised store, from ``data_cfg.cache_dir`` if a matching cache exists (written
     there otherwise). Returns (store, info) with info keys cache_hit, cache_path, seconds."""
-    formatter = formatter or SampleFormatter(tokenizer, tok_cfg)
+    formatter = formatter or make_formatter(data_cfg, tokenizer, tok_cfg)
     t0 = time.perf_counter()
     if not data_cfg.cache_dir:
         store = tokenize_files(data_cfg, formatter)
@@ -98,8 +118,11 @@ class SFTDataset:
     """Samples after the length policy, optionally packed. See the module docstring.
 
     Attributes: ``store`` (TokenizedStore), ``spans`` int64 [M, 3] (store index, start, end)
-    of the M kept samples, ``length_stats``, ``rows`` (packing: lists of kept-sample indices),
+    of the M kept samples, ``sample_source`` int64 [M] (``file_names`` index of each kept
+    sample), ``length_stats``, ``rows`` (packing: lists of kept-sample indices),
     ``row_length`` (packed row positions), ``multiple``, ``segment_multiple``, ``pad_id``.
+    With ``concat_sampling_probabilities`` every file is packed on its own and
+    ``item_source`` int64 [len] gives each item's file (else None).
     """
 
     def __init__(self, store: TokenizedStore, data_cfg: DataConfig, pad_id: int, multiple: int = 1,
@@ -108,10 +131,19 @@ class SFTDataset:
         self.multiple, self.segment_multiple = multiple, segment_multiple
         self.cache_info = cache_info or {}
         self.length_stats = LengthStats()
+        for key in ("field_truncated", "field_truncated_tokens"):
+            setattr(self.length_stats, key, int(store.stats.get(key, 0)))
+        if "first_field_truncated" in store.stats:
+            self.length_stats.examples["field_truncated"] = store.stats["first_field_truncated"]
         spans = []
-        max_len = data_cfg.max_seq_length
+        max_len, min_len = data_cfg.max_seq_length, data_cfg.min_seq_length
         for i in range(len(store)):
             ids, mask = store.get(i)
+            if len(ids) < min_len:
+                self.length_stats.seen += 1
+                self.length_stats.dropped_too_short += 1
+                self.length_stats.examples.setdefault("dropped_too_short", str(store.location(i)))
+                continue
             if len(ids) <= max_len and mask[1:].any():  # fast path: nothing to do
                 out = _keep(ids, mask, self.length_stats)
             else:
@@ -127,15 +159,47 @@ class SFTDataset:
                 start = lo
             spans.append((i, start, start + len(out[0])))
         if not spans:
-            raise DataError(f"no sample of {data_cfg.file_names} survives the length policy: "
-                            f"{self.length_stats.summary()}")
+            raise DataError(f"{data_cfg.prefix}: no sample of {data_cfg.file_names} survives the length policy "
+                            f"({self.length_stats.summary()}); raise max_seq_length or use length_policy=truncate")
         self.spans = np.asarray(spans, dtype=np.int64)
+        self.sample_source = store.sample_sources()[self.spans[:, 0]]
         self.rows: Optional[List[List[int]]] = None
+        self.item_source: Optional[np.ndarray] = None
         self.row_length = packed_row_length(data_cfg.max_seq_length, multiple)
+        if data_cfg.mixing:
+            self._check_sources()
         if data_cfg.packing:
-            self.rows = pack(self.num_tokens(), self.row_length, segment_multiple)
+            if data_cfg.mixing:  # rows never mix files: each item belongs to one weighted source
+                self.rows, sources = [], []
+                n = self.num_tokens()
+                for k in range(len(data_cfg.file_names)):
+                    members = np.flatnonzero(self.sample_source == k)
+                    for row in pack(n[members], self.row_length, segment_multiple):
+                        self.rows.append([int(members[j]) for j in row])
+                        sources.append(k)
+                self.item_source = np.asarray(sources, dtype=np.int64)
+            else:
+                self.rows = pack(self.num_tokens(), self.row_length, segment_multiple)
+        elif data_cfg.mixing:
+            self.item_source = self.sample_source.copy()
         for line in self.report_lines():
             logger.info(line)
+
+    def _check_sources(self) -> None:
+        if self.store.source_counts is None or len(self.store.source_counts) != len(self.cfg.file_names):
+            raise DataError("the token cache has no per-file sample counts; delete it and it is rebuilt",
+                            Location(self.cache_info.get("cache_path") or str(self.cfg.cache_dir)))
+        kept = np.bincount(self.sample_source, minlength=len(self.cfg.file_names))
+        for k, path in enumerate(self.cfg.file_names):
+            if kept[k] == 0:
+                raise DataError(f"no sample survives the length policy (max_seq_length={self.cfg.max_seq_length}, "
+                                f"length_policy={self.cfg.length_policy}), but "
+                                f"{self.cfg.prefix}.concat_sampling_probabilities[{k}] draws from it",
+                                Location(path))
+
+    def source_items(self, k: int) -> np.ndarray:
+        """int64: the items of file ``k`` (mixing only)."""
+        return np.flatnonzero(self.item_source == k)
 
     @classmethod
     def build(cls, data_cfg: DataConfig, tokenizer: Tokenizer, tok_cfg: TokenizerConfig, tp: int = 1, cp: int = 1,
@@ -177,15 +241,16 @@ class SFTDataset:
         return 1 if self.rows is not None else requested
 
     def collate(self, items: Sequence[int], pad_to: Optional[int] = None) -> Dict[str, object]:
-        """A micro-batch from item indices (see psft_megatron.data.collate)."""
+        """A micro-batch from item indices (see psft_megatron.data.collate). Item -1 is a
+        filler: a row of padding with loss mask 0 (an empty packed row when packing)."""
         if self.rows is not None:
             if len(items) != 1:
                 raise ValueError(f"packed micro-batches hold one row, got {len(items)} items")
-            ks = self.rows[items[0]]
+            ks = self.rows[items[0]] if items[0] >= 0 else []
             return collate_packed([self.sample(k) for k in ks], self.row_length, self.pad_id,
                                   self.segment_multiple, sample_index=ks)
-        return collate_unpacked([self.sample(k) for k in items], self.pad_id, self.multiple, pad_to=pad_to,
-                                sample_index=list(items))
+        return collate_unpacked([self.sample(k) if k >= 0 else None for k in items], self.pad_id, self.multiple,
+                                pad_to=pad_to, sample_index=list(items))
 
     # ------------------------------------------------------------------ report
     def report(self) -> dict:
@@ -204,7 +269,9 @@ class SFTDataset:
             lines.append(f"  first {reason}: {where}")
         if self.rows is not None:
             r = self.report()["packing"]
-            lines.append(f"  packed into {r['rows']} rows of {r['row_length']} positions ({r['efficiency']:.1%} full)")
+            per_file = " (each file packed on its own)" if self.item_source is not None else ""
+            lines.append(f"  packed into {r['rows']} rows of {r['row_length']} positions ({r['efficiency']:.1%} full)"
+                         + per_file)
         return lines
 
 

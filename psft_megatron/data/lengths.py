@@ -51,15 +51,24 @@ class LengthStats:
     dropped_too_long: int = 0
     skipped_empty_loss: int = 0
     truncated_tokens: int = 0
+    dropped_too_short: int = 0  # fewer tokens than min_seq_length
+    field_truncated: int = 0  # template data: samples shortened inside truncation_field(s) while tokenising
+    field_truncated_tokens: int = 0
     examples: Dict[str, str] = field(default_factory=dict)  # reason -> first location
 
     def as_dict(self) -> dict:
         return asdict(self)
 
     def summary(self) -> str:
-        return (f"{self.seen} samples: {self.kept} kept, {self.truncated} truncated "
+        text = (f"{self.seen} samples: {self.kept} kept, {self.truncated} truncated "
                 f"({self.truncated_tokens} tokens cut), {self.dropped_too_long} dropped as too long, "
                 f"{self.skipped_empty_loss} skipped with an all-zero loss mask")
+        if self.dropped_too_short:
+            text += f", {self.dropped_too_short} dropped as shorter than min_seq_length"
+        if self.field_truncated:
+            text += (f"; {self.field_truncated} shortened inside truncation_field "
+                     f"({self.field_truncated_tokens} tokens cut)")
+        return text
 
 
 def apply_length_policy(ids: np.ndarray, mask: np.ndarray, loc: Location, max_len: int, policy: str,

@@ -40,9 +40,27 @@ def detect_format(path: str) -> str:
     raise DataError("unknown data format (expected .jsonl, .parquet or a save_to_disk directory)", Location(path))
 
 
+def _open(path: str):
+    try:
+        return open(path, "rb")
+    except OSError as exc:
+        raise DataError(f"cannot read: {exc.strerror or exc}", Location(path)) from None
+
+
+def _read_json(path: str, what: str):
+    """A small JSON file of a ``save_to_disk`` directory; errors name it."""
+    with _open(path) as f:
+        raw = f.read()
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{what} is not valid JSON ({exc}); the directory is not a readable save_to_disk "
+                        "dataset", Location(path)) from None
+
+
 def iter_jsonl(path: str) -> Iterator[Tuple[Record, Location]]:
     """One JSON object per line; blank lines are skipped. Errors name the 1-based line."""
-    with open(path, "rb") as f:
+    with _open(path) as f:
         for lineno, raw in enumerate(f, start=1):
             loc = Location(path, line=lineno)
             try:
@@ -54,7 +72,10 @@ def iter_jsonl(path: str) -> Iterator[Tuple[Record, Location]]:
             try:
                 record = json.loads(text)
             except json.JSONDecodeError as exc:
-                raise DataError(f"malformed JSON: {exc.msg} at column {exc.colno}", loc) from None
+                hint = ""
+                if lineno == 1 and text.lstrip().startswith("["):
+                    hint = " (a JSON array? this reader wants JSONL: one object per line; tools/prepare_data.py converts)"
+                raise DataError(f"malformed JSON: {exc.msg} at column {exc.colno}{hint}", loc) from None
             if not isinstance(record, dict):
                 raise DataError(f"expected a JSON object per line, got {type(record).__name__}", loc)
             yield record, loc
@@ -76,7 +97,11 @@ def iter_parquet(path: str) -> Iterator[Tuple[Record, Location]]:
             return
         except Exception as exc:  # noqa: BLE001 - e.g. invalid UTF-8 in a string column
             raise DataError(f"cannot read rows from {row} on: {exc}", Location(path, row=row)) from None
-        for record in batch.to_pylist():
+        try:
+            records = batch.to_pylist()
+        except Exception as exc:  # noqa: BLE001
+            raise DataError(f"cannot read rows from {row} on: {exc}", Location(path, row=row)) from None
+        for record in records:
             yield record, Location(path, row=row)
             row += 1
 
@@ -85,17 +110,22 @@ def hf_dir_files(path: str, split: str = "train") -> Tuple[str, List[str]]:
     """(dataset dir, Arrow files) of a ``save_to_disk`` directory (a Dataset, or ``split`` of a
     DatasetDict, whose dir is ``path/split``)."""
     if os.path.exists(os.path.join(path, "dataset_dict.json")):
-        with open(os.path.join(path, "dataset_dict.json")) as f:
-            splits = json.load(f).get("splits", [])
+        info = _read_json(os.path.join(path, "dataset_dict.json"), "dataset_dict.json")
+        splits = info.get("splits", []) if isinstance(info, dict) else []
         if split not in splits:
             raise DataError(f"DatasetDict has no split {split!r}; splits present: {splits}", Location(path))
         path = os.path.join(path, split)
     state_file = os.path.join(path, "state.json")
-    with open(state_file) as f:
-        state = json.load(f)
-    files = [os.path.join(path, d["filename"]) for d in state.get("_data_files", [])]
+    if not os.path.exists(state_file):
+        raise DataError("split directory has no state.json (not a save_to_disk dataset)", Location(path))
+    state = _read_json(state_file, "state.json")
+    entries = state.get("_data_files", []) if isinstance(state, dict) else []
+    files = [os.path.join(path, d["filename"]) for d in entries if isinstance(d, dict) and "filename" in d]
     if not files:
         raise DataError("state.json lists no _data_files", Location(state_file))
+    for f in files:
+        if not os.path.isfile(f):
+            raise DataError(f"state.json lists {os.path.basename(f)}, which is missing", Location(path))
     return path, files
 
 

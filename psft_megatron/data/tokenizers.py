@@ -1,8 +1,8 @@
 """Tokenizers: Hugging Face (local directory, with its chat template) and SentencePiece.
 
 ``build_tokenizer(TokenizerConfig)`` returns a :class:`Tokenizer` with one interface:
-``encode(text) -> list[int]`` (no special tokens added), ``bos_id`` / ``eos_id`` / ``pad_id``
-(may be None except eos), ``vocab_size``, ``has_chat_template``,
+``encode(text) -> list[int]`` (no special tokens added), ``bos_id`` / ``eos_id`` / ``pad_id`` /
+``sep_id`` (may be None except eos), ``vocab_size``, ``has_chat_template``,
 ``render_chat(messages, add_generation_prompt) -> str``, ``token_to_id``, ``special_ids`` and
 ``fingerprint()`` (sha256 over the tokenizer files, for the cache key). Nothing is ever
 downloaded: HF tokenizers load with ``local_files_only=True``.
@@ -35,6 +35,7 @@ class Tokenizer:
     bos_id: Optional[int] = None
     eos_id: Optional[int] = None
     pad_id: Optional[int] = None
+    sep_id: Optional[int] = None
     vocab_size: int = 0
     has_chat_template = False
 
@@ -72,10 +73,13 @@ class HFTokenizer(Tokenizer):
         try:
             self.hf = AutoTokenizer.from_pretrained(path, local_files_only=True)
         except Exception as exc:  # noqa: BLE001
-            raise ConfigError(f"model.tokenizer.model: cannot load a Hugging Face tokenizer from {path!r}: {exc}") from exc
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(f"model.tokenizer.model: cannot load a Hugging Face tokenizer from {path!r}: {first}") \
+                from None
         self.bos_id = self.hf.bos_token_id
         self.eos_id = self.hf.eos_token_id
         self.pad_id = self.hf.pad_token_id
+        self.sep_id = self.hf.sep_token_id
         self.vocab_size = len(self.hf)
         self.has_chat_template = bool(getattr(self.hf, "chat_template", None))
 
@@ -121,7 +125,11 @@ class SPTokenizer(Tokenizer):
         import sentencepiece as spm
 
         self.path = path
-        self.sp = spm.SentencePieceProcessor(model_file=path)
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=path)
+        except Exception as exc:  # noqa: BLE001 - a corrupt or non-SentencePiece file
+            raise ConfigError(f"model.tokenizer.model: cannot load SentencePiece model {path!r}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
         self.vocab_size = self.sp.get_piece_size()
         self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
         self.eos_id = self.sp.eos_id() if self.sp.eos_id() >= 0 else None
