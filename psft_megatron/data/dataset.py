@@ -159,8 +159,13 @@ class SFTDataset:
                 start = lo
             spans.append((i, start, start + len(out[0])))
         if not spans:
+            st = self.length_stats
+            fixes = ([f"lower {data_cfg.prefix}.min_seq_length"] if st.dropped_too_short else []) + \
+                ([f"raise {data_cfg.prefix}.max_seq_length or set length_policy=truncate"] if st.dropped_too_long else []) \
+                + ([f"truncation cut the trained tokens away: raise {data_cfg.prefix}.max_seq_length or set "
+                    "truncation_side=left"] if st.skipped_empty_loss else [])
             raise DataError(f"{data_cfg.prefix}: no sample of {data_cfg.file_names} survives the length policy "
-                            f"({self.length_stats.summary()}); raise max_seq_length or use length_policy=truncate")
+                            f"({st.summary()}); {'; '.join(fixes) or 'add data'}")
         self.spans = np.asarray(spans, dtype=np.int64)
         self.sample_source = store.sample_sources()[self.spans[:, 0]]
         self.rows: Optional[List[List[int]]] = None

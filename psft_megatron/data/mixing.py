@@ -6,9 +6,10 @@ deterministically: slot t goes to the source that is furthest behind its share,
 
     k(t) = argmax_k (p_k * (t + 1) - c_k(t))      (ties: the lowest k)
 
-where ``c_k(t)`` counts the slots given to source k before t. So after any T slots
-``|c_k - p_k * T| < 1`` for every source: the proportions hold within every global batch, not
-only on average. Inside source k the items come in passes over a permutation drawn from
+where ``c_k(t)`` counts the slots given to source k before t. After any T slots no source is
+ahead of its share by a whole item (``c_k < p_k * T + 1``: the chosen source has
+``p_k * (t + 1) - c_k >= 1 / S > 0``), so none is behind by S - 1 items or more (in practice
+about one item): the proportions hold within every global batch, not only on average. Inside source k the items come in passes over a permutation drawn from
 ``numpy.random.default_rng([seed, k, pass])`` (identity without ``shuffle``); a source that is
 used up starts its next pass on its own, so nothing is dropped or repeated before every item
 of the source has been seen once more. There are no epochs over the union and no partial

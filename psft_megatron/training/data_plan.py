@@ -96,8 +96,8 @@ class DataSettings:
                                zip(cfg.file_names, sampler.probabilities, sampler.source_items))
             passes = ", ".join(f"{max_steps * g * p / len(items):.2f}" for p, items in
                                zip(sampler.probabilities, sampler.source_items))
-            lines.append(f"train data: mixing {shares}; each global batch of {g} holds every file's share within one "
-                         f"item, each file {order.replace('every epoch', 'after each pass')} on its own; no epochs, "
+            lines.append(f"train data: mixing {shares}; each global batch of {g} holds every file's share (to about "
+                         f"one item), each file {order.replace('every epoch', 'after each pass')} on its own; no epochs, "
                          f"no partial batches; trainer.max_steps={max_steps} makes {passes} passes over the files")
         else:
             tail = len(train_set) % g
@@ -105,7 +105,7 @@ class DataSettings:
                 partial = "no partial batch"
             elif sampler.drop_last:
                 partial = (f"the last partial batch ({tail} {unit}) is left out every epoch (drop_last=true; "
-                           f"{'other ones each epoch' if cfg.shuffle else 'the same ones each epoch'})")
+                           f"{'different ones each epoch' if cfg.shuffle else 'the same ones each epoch'})")
             else:
                 partial = (f"the last partial batch ({tail} {unit}) is filled up with {sampler.repeated_per_epoch} "
                            "from the start of the same epoch's order (drop_last=false)")

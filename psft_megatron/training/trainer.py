@@ -179,10 +179,11 @@ class Trainer:
         cfg, m = self.cfg, self.cfg.model
         world = int(os.environ.get("WORLD_SIZE", "1"))
         rank0 = int(os.environ.get("RANK", "0")) == 0
-        # before any distributed work: data keys, files, the restored model, the layout
-        self.data = load_data_settings(cfg, world)
+        # before any distributed work: files, the restored model (it may name the tokenizer), the
+        # data keys, the layout
         check_paths(cfg)
         self.restored = prepare_restore(m, announce=rank0)
+        self.data = load_data_settings(cfg, world)
         check_layout(cfg, world)
         check_requirements(cfg)
         tok_cfg, train_cfg, val_cfg = self.data.tokenizer, self.data.train, self.data.validation
