@@ -1,5 +1,7 @@
 """Bad input: every error names the file, the line/row and the key/problem; nothing silent."""
 
+import os
+
 import pytest
 
 from psft_megatron.data import DataConfig, DataError, SFTDataset, TokenizerConfig, build_tokenizer
@@ -164,3 +166,102 @@ def test_template_that_rewrites_earlier_turns_is_reported(tmp_path):
     loc = __import__("psft_megatron.data.errors", fromlist=["Location"]).Location("x.jsonl", line=4)
     with pytest.raises(DataError, match=r"x\.jsonl:line 4: the chat template is not prefix-stable"):
         fmt(to_conversation({"messages": msgs}, loc, "messages", "p", "r", "messages"), loc)
+
+
+# ---------------------------------------------------------------------------------------------
+# Every bad data input is ONE line (a UserError: "data error: FILE:line N: ..." or
+# "config error: KEY: ..."), raised by the trainer's data set-up, before any training step.
+
+def data_setup(train_ds: dict, **model):
+    """What Trainer.setup does with the data before the first step, in-process (world of one)."""
+    from psft_megatron.config import build_run_config
+    from psft_megatron.training.data_plan import load_data_settings
+
+    raw = {"model": {"global_batch_size": 2, "micro_batch_size": 1, **model,
+                     "tokenizer": {"library": "huggingface", "model": HF_TOKENIZER},
+                     "data": {"train_ds": {"packing": False, **train_ds}}}}
+    settings = load_data_settings(build_run_config(raw), world_size=1)
+    tokenizer = build_tokenizer(settings.tokenizer)
+    ds = SFTDataset.build(settings.train, tokenizer, settings.tokenizer)
+    return settings.train_sampler(ds, ds.micro_batch_size(1), 0, 1)
+
+
+def one_line(train_ds: dict, **model) -> str:
+    from psft_megatron.errors import UserError
+
+    with pytest.raises(UserError) as exc:
+        data_setup(train_ds, **model)
+    line = exc.value.line()
+    assert "\n" not in line, line
+    return line
+
+
+def test_bad_data_files_are_one_line_naming_file_and_line(tmp_path):
+    f = write_jsonl(tmp_path / "empty.jsonl", [])
+    assert one_line({"file_names": [f]}).startswith(f"data error: {f}: no records: the file is empty")
+    f = write_jsonl(tmp_path / "key.jsonl", [GOOD, {"question": "q", "response": "r"}])
+    assert one_line({"file_names": [f]}).startswith(f"data error: {f}:line 2: missing key 'prompt'")
+    f = write_jsonl(tmp_path / "type.jsonl", [{"prompt": "q", "response": 42}])
+    assert one_line({"file_names": [f]}) == f"data error: {f}:line 1: 'response' must be a string, got int"
+    f = tmp_path / "latin1.jsonl"
+    f.write_bytes(b'{"prompt": "a", "response": "b"}\n{"prompt": "caf\xe9", "response": "b"}\n')
+    assert one_line({"file_names": [str(f)]}).startswith(f"data error: {f}:line 2: not valid UTF-8")
+    f = write_jsonl(tmp_path / "role.jsonl", [{"messages": [{"role": "robot", "content": "a"},
+                                                           {"role": "assistant", "content": "b"}]}])
+    assert one_line({"file_names": [f]}).startswith(f"data error: {f}:line 1: messages[0].role must be one of")
+    f = write_jsonl(tmp_path / "noasst.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
+    assert one_line({"file_names": [f]}).startswith(f"data error: {f}:line 1: 'messages' has no assistant message")
+    f = write_jsonl(tmp_path / "array.json", ['[{"prompt": "a", "response": "b"}'])
+    assert "one object per line" in one_line({"file_names": [f]})
+    f = write_jsonl(tmp_path / "long.jsonl", [GOOD, {"prompt": "word " * 100, "response": "ok"}])
+    line = one_line({"file_names": [f], "max_seq_length": 64, "length_policy": "error"})
+    assert line.startswith(f"data error: {f}:line 2: sample has ") and "max_seq_length=64" in line
+
+
+def test_bad_parquet_and_directories_are_one_line(tmp_path):
+    f = write_parquet(tmp_path / "cols.parquet", [{"question": "q", "answer": "a"}] * 2)
+    assert one_line({"file_names": [f]}).startswith(
+        f"data error: {f}:row 0: missing key 'prompt' (no 'prompt'); keys present: ['answer', 'question']")
+    d = tmp_path / "notadataset"
+    d.mkdir()
+    (d / "x.txt").write_text("hi")
+    assert one_line({"file_names": [str(d)]}).startswith(
+        f"data error: {d}: directory is not a Hugging Face save_to_disk dataset")
+    d = write_hf_dir(tmp_path / "broken", [GOOD])
+    with open(os.path.join(d, "state.json"), "w") as fh:
+        fh.write("{not json")
+    assert one_line({"file_names": [d]}).startswith(f"data error: {d}/state.json: state.json is not valid JSON")
+
+
+def test_damaged_cache_is_one_line(tmp_path):
+    f = write_jsonl(tmp_path / "d.jsonl", [GOOD] * 3)
+    cache = tmp_path / "cache"
+    data_setup({"file_names": [f], "cache_dir": str(cache)})
+    (entry,) = [p for p in cache.iterdir()]
+    (entry / "offsets.npy").write_bytes(b"garbage")
+    line = one_line({"file_names": [f], "cache_dir": str(cache)})
+    assert line.startswith(f"data error: {entry}: unreadable token cache") and "delete the directory" in line
+
+
+@pytest.mark.parametrize("train_ds,model,expected", [
+    ({"max_seq_length": 0}, {}, "config error: model.data.train_ds.max_seq_length: must be an int > 1, got 0"),
+    ({"max_seq_len": 64}, {}, "config error: unknown config key 'model.data.train_ds.max_seq_len'; did you mean "
+                              "'max_seq_length'?"),
+    ({"packing": "yes"}, {}, "config error: model.data.train_ds.packing must be true or false, got 'yes'"),
+    ({"file_names": ["???"]}, {}, "config error: model.data.train_ds.file_names[0]: '???' is a placeholder"),
+    ({"min_seq_length": 5000}, {}, "config error: model.data.train_ds.min_seq_length: must be an int in [1, "
+                                   "max_seq_length=4096], got 5000"),
+    ({"min_seq_length": 500}, {}, "data error: model.data.train_ds: no sample of"),
+    ({"global_batch_size": 16}, {}, "config error: model.data.train_ds.global_batch_size: 16 differs from "
+                                    "model.global_batch_size=2"),
+    ({"truncation_field": "input"}, {}, "config error: model.data.train_ds.truncation_field: applies to "
+                                        "prompt_template data only"),
+    ({}, {"global_batch_size": 8}, "data error: model.data.train_ds: 3 samples (after the length policy) are fewer "
+                                   "than one global batch (model.global_batch_size=8)"),
+])
+def test_data_config_errors_are_one_line_naming_the_key(tmp_path, train_ds, model, expected):
+    f = write_jsonl(tmp_path / "d.jsonl", [GOOD] * 3)
+    line = one_line({"file_names": [f], **train_ds}, **model)
+    assert line.startswith(expected), line
+    if "min_seq_length" in train_ds and "no sample" in expected:
+        assert line.endswith("3 dropped as shorter than min_seq_length); lower model.data.train_ds.min_seq_length")
