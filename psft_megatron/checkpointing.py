@@ -179,28 +179,46 @@ def _model_items(state: dict):
 _NOT_MODEL_PREFIXES = ("optimizer.", PER_RANK_KEY)
 
 
+def _global_shape(item):
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    if isinstance(item, ShardedTensor) and not item.allow_shape_mismatch:
+        return tuple(item.global_shape)
+    return None  # factories, objects, vocab-padded tensors: no shape to compare
+
+
 def check_model_keys(ckpt_dir: str, requests: List[dict], stored: dict) -> None:
     """Every weight the model asks for is in the checkpoint with the same global shape, and
     every weight of the checkpoint is asked for; else CheckpointError naming the first keys.
 
-    Exceptions (docs/checkpoints.md): ``_extra_state`` (FP8 metadata) either way; the vocab
-    dimension of the embedding and output layer (megatron marks them ``allow_shape_mismatch``:
-    vocab padding rows depend on TP); optimizer state (a weights-only load skips it).
+    The model's keys are gathered from every rank first (a pipeline stage asks only for its
+    own layers), so all ranks reach the same verdict. Exceptions (docs/config.md, "Restoring a
+    model"): ``_extra_state`` (FP8 metadata) either way; the vocab dimension of the embedding
+    and output layer (megatron marks them ``allow_shape_mismatch``: vocab padding rows depend
+    on TP); stored objects and optimizer state (a weights-only load skips them).
 
     Args:
-        requests: the model chunks' sharded state dicts.
+        requests: this rank's model chunks' sharded state dicts.
         stored: the checkpoint's ``load_sharded_metadata`` (key -> sharded item, global shapes).
     """
+    import torch
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
     from psft_megatron.errors import CheckpointError
 
-    wanted = {}
+    mine = {}
     for request in requests:
-        wanted.update(_model_items(request))
+        mine.update((key, _global_shape(item)) for key, item in _model_items(request))
+    wanted = dict(mine)
+    if torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1:
+        everyone = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(everyone, mine)
+        for other in everyone:
+            wanted.update(other)
     missing = sorted(k for k in wanted if k not in stored and not k.endswith("_extra_state"))
-    unexpected = sorted(k for k in stored if k not in wanted and not k.endswith("_extra_state")
-                        and not k.startswith(_NOT_MODEL_PREFIXES))
+    unexpected = sorted(k for k, item in stored.items() if isinstance(item, ShardedTensor) and k not in wanted
+                        and not k.endswith("_extra_state") and not k.startswith(_NOT_MODEL_PREFIXES))
 
     def few(keys):
         return ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
@@ -210,12 +228,11 @@ def check_model_keys(ckpt_dir: str, requests: List[dict], stored: dict) -> None:
         raise CheckpointError(f"{ckpt_dir}: the model needs weights the checkpoint does not have: {few(missing)}{hint}")
     if unexpected:
         raise CheckpointError(f"{ckpt_dir}: the checkpoint has weights the model does not use: {few(unexpected)}{hint}")
-    for key, item in sorted(wanted.items()):
+    for key, shape in sorted(wanted.items()):
         have = stored.get(key)
-        if isinstance(item, ShardedTensor) and isinstance(have, ShardedTensor) and not item.allow_shape_mismatch \
-                and tuple(item.global_shape) != tuple(have.global_shape):
+        if shape is not None and isinstance(have, ShardedTensor) and shape != tuple(have.global_shape):
             raise CheckpointError(f"{ckpt_dir}: weight {key} has shape {list(have.global_shape)} in the checkpoint, "
-                                  f"the model needs {list(item.global_shape)}{hint}")
+                                  f"the model needs {list(shape)}{hint}")
 
 
 def _drop_missing_extra_states(model_state: dict, stored: set) -> Dict[str, str]:

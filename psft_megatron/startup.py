@@ -3,12 +3,39 @@
 megatron-core warns on import, once per process and module, that Transformer Engine and apex
 are missing (five ``UserWarning`` lines per rank on a CPU box). :func:`quiet_megatron_import`
 imports the megatron modules the trainer uses with those warnings recorded, and global rank 0
-prints one line instead.
+prints one line instead. It also drops megatron-core's log lines about its own internal APIs
+that this package calls on purpose and a user cannot act on (:data:`INTERNAL_DEPRECATIONS`,
+megatron-core 0.19: one per model build or checkpoint load, on every rank).
 """
 
 from __future__ import annotations
 
+import logging
 import warnings
+
+#: (logger, message prefix) of megatron-core log records about its internals, dropped
+INTERNAL_DEPRECATIONS = (
+    ("megatron.core.models.gpt.gpt_model", "GPTModel IS DEPRECATED"),
+    ("megatron.core.dist_checkpointing.strategies.common", "load_common is deprecated"),
+    ("megatron.core.dist_checkpointing.strategies.torch", "MCore's async save is deprecated"),
+)
+
+
+class _DropPrefix(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+def quiet_megatron_logs() -> None:
+    """Drop the :data:`INTERNAL_DEPRECATIONS` records (idempotent)."""
+    for name, prefix in INTERNAL_DEPRECATIONS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropPrefix) and f.prefix == prefix for f in logger.filters):
+            logger.addFilter(_DropPrefix(prefix))
 
 #: fragments of megatron-core's import-time warnings about optional packages
 _MISSING_PACKAGE_WARNINGS = ("Transformer Engine and Apex are not installed", "Apex is not installed",
@@ -23,6 +50,7 @@ def quiet_megatron_import(announce: bool = True) -> list:
     """Import megatron-core's model, optimizer and DDP modules with their missing-package
     warnings collapsed into one line (printed when ``announce``, i.e. on global rank 0).
     Other warnings pass through. Returns the collapsed messages (distinct, in order)."""
+    quiet_megatron_logs()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         import megatron.core.distributed  # noqa: F401

@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 from psft_megatron.config import load_run_config  # noqa: E402
+from psft_megatron.training.checkpoints import CheckpointManager  # noqa: E402
 from psft_megatron.training.trainer import Trainer  # noqa: E402
 from tests.parallel.launch import train_tiny  # noqa: E402
 
@@ -110,6 +111,7 @@ def main() -> None:
     torch.distributed.broadcast_object_list(holder, src=0)
     workdir = holder[0]
     init.log_dir = os.path.join(workdir, "init")
+    init.checkpoints = CheckpointManager(os.path.join(init.log_dir, "checkpoints"))  # not the config's runs/ dir
     weights = init.save()
     init.close()
     restore = [f"model.restore_from_path={weights}"]

@@ -33,6 +33,12 @@ BASE = ["trainer.val_check_interval=0", "trainer.progress_bar=false", "trainer.d
         "exp_manager.create_tensorboard_logger=false", "model.global_batch_size=4", "model.micro_batch_size=2"]
 
 
+def largest_data_file(ckpt: str) -> str:
+    """The biggest ``.distcp`` file of a checkpoint (file names differ between megatron-core releases)."""
+    files = [os.path.join(ckpt, n) for n in os.listdir(ckpt) if n.endswith(".distcp")]
+    return max(files, key=os.path.getsize)
+
+
 def run_case(work: str, name: str, overrides) -> dict:
     """``pretrain_psft.main`` with ``overrides`` (log dir ``work/name``); what it returned and printed."""
     out, err = io.StringIO(), io.StringIO()
@@ -69,7 +75,7 @@ def main() -> None:
         "exp_manager.checkpoint_callback_params.save_top_k=3"])
 
     # damaged latest checkpoint: resume from the previous one; metrics.jsonl one record per step
-    on_rank0(lambda: open(os.path.join(ckpts, "iter_0000003", "__0_0.distcp"), "r+b").truncate(100))
+    on_rank0(lambda: open(largest_data_file(os.path.join(ckpts, "iter_0000003")), "r+b").truncate(100))
     results["fallback"] = run_case(work, "train", [
         "trainer.max_steps=4", "exp_manager.resume_if_exists=true",
         "exp_manager.checkpoint_callback_params.every_n_train_steps=1",
@@ -84,7 +90,7 @@ def main() -> None:
         for name in ("noyaml", "truncated", "nocommon"):
             shutil.copytree(good, os.path.join(work, name))
         os.remove(os.path.join(work, "noyaml", "model.yaml"))
-        with open(os.path.join(work, "truncated", "__0_1.distcp"), "r+b") as f:
+        with open(largest_data_file(os.path.join(work, "truncated")), "r+b") as f:
             f.truncate(1000)
         os.remove(os.path.join(work, "nocommon", "common.pt"))
         hf = os.path.join(work, "hf")
