@@ -1,8 +1,8 @@
 # psft-megatron: `make test` and `make demo` set everything up and run.
 #
-#   make test          both test lanes, one after the other (the current lane's venv is built in
-#                      the background while the fast lane runs); prints each lane's result and
-#                      fails if either fails:
+#   make test          both test lanes, side by side (the current lane's venv is set up while the
+#                      fast lane runs, then its tests run next to it); prints each lane's result
+#                      and fails if either fails:
 #                        fast lane     Python 3.11, megatron-core 0.16.1, torch 2.13.0 (local CPU
 #                                      wheel), in .venv: FAST_TESTS
 #                        current lane  Python 3.12, megatron-core 0.19.2, torch 2.13.0 from the
@@ -37,9 +37,9 @@ LANE_LOGS ?= .lanes
 # checkpoint scenarios), trainer, long jobs, checkpoints, conversion, fake CUDA, and the
 # version bridges and patches themselves.
 FAST_TESTS ?= $(wildcard tests/test_parallel_parity.py tests/test_trainer.py tests/test_long_jobs.py \
-	tests/test_convert*.py tests/test_fake_cuda.py tests/test_fp8_path.py tests/test_cpu_compat.py \
+	tests/test_convert*.py tests/test_fake_cuda.py tests/test_cpu_compat.py \
 	tests/test_distopt_fixes.py tests/test_megatron_compat.py tests/test_cross_version_checkpoints.py \
-	tests/test_packaging.py)
+	tests/test_packaging.py tests/test_user_errors.py)
 CURRENT_TESTS ?= tests
 
 .PHONY: install test test-fast test-current current-install demo clean print-fast-python print-current-python
