@@ -226,6 +226,12 @@ class Trainer:
         schedule = ScheduleConfig(lr_warmup_steps=optim.sched.warmup_steps,
                                   lr_decay_steps=optim.sched.max_steps or cfg.trainer.max_steps,
                                   lr_decay_style=SCHEDULES[optim.sched.name], min_lr=optim.sched.min_lr)
+        if self.is_rank0:
+            c = self.model_cfg
+            print(f"building the model: {c.num_layers} layers, hidden {c.hidden_size}, vocab {c.vocab_size} "
+                  f"({c.params_dtype}) at {self.parallel.describe()} on {self.info.world_size} process(es)"
+                  + (f"; then restoring its weights from {m.restore_from_path}" if m.restore_from_path else ""),
+                  flush=True)
         self.tm = setup_model_and_optimizer(
             self.model_cfg, self.parallel, opt_cfg, schedule=schedule, layer_spec=m.layer_spec,
             use_distributed_optimizer=optim.use_distributed_optimizer,
