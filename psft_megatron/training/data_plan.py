@@ -62,7 +62,7 @@ class DataSettings:
         if n < g and cfg.drop_last:
             raise DataError(f"{cfg.prefix}: {n} {_unit(dataset)} (after the length policy) are fewer than one global "
                             f"batch (model.global_batch_size={g}); lower model.global_batch_size, add data, or set "
-                            f"{cfg.prefix}.drop_last=false (the batch is then filled up by repeating samples)")
+                            f"{cfg.prefix}.drop_last=false (the batch is then filled up by repeating {_unit(dataset)})")
         return SFTSampler(n, g, micro_batch_size, dp_rank, dp_size, seed=self.seed, shuffle=bool(cfg.shuffle),
                           drop_last=bool(cfg.drop_last))
 
