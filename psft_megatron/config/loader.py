@@ -244,6 +244,10 @@ def check_paths(cfg: RunConfig) -> None:
     m = cfg.model
     for section in ("train_ds", "validation_ds"):
         files = (getattr(m.data, section) or {}).get("file_names") or []
+        if isinstance(files, str):  # one file, as NeMo allows; a bad type is the data keys' to report
+            files = [files]
+        if not isinstance(files, (list, tuple)):
+            continue
         for i, path in enumerate(files):
             if not os.path.exists(path):
                 raise ConfigError(f"model.data.{section}.file_names[{i}]: {path} does not exist")

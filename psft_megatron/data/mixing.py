@@ -28,6 +28,7 @@ from typing import Iterator, List, Sequence
 import numpy as np
 
 from psft_megatron.data.errors import ConfigError
+from psft_megatron.data.sampler import split_for_rank
 
 
 class MixtureSampler:
@@ -120,9 +121,7 @@ class MixtureSampler:
 
     def rank_microbatches(self, batch: np.ndarray) -> List[List[int]]:
         """This rank's micro-batches of a global batch."""
-        mbs, chunk = self.micro_batch_size, self.micro_batch_size * self.dp_size
-        return [batch[m * chunk + self.dp_rank * mbs : m * chunk + (self.dp_rank + 1) * mbs].tolist()
-                for m in range(self.num_microbatches)]
+        return split_for_rank(batch, self.micro_batch_size, self.dp_rank, self.dp_size, self.num_microbatches)
 
     def __iter__(self) -> Iterator[List[List[int]]]:
         while True:

@@ -27,6 +27,16 @@ import numpy as np
 from psft_megatron.data.errors import ConfigError
 
 
+def split_for_rank(batch: np.ndarray, micro_batch_size: int, dp_rank: int, dp_size: int,
+                   num_microbatches: int) -> List[List[int]]:
+    """This DP rank's micro-batches of a global batch ``[num_microbatches * micro_batch_size *
+    dp_size]`` of item indices: micro-batch ``m`` of rank ``r`` is the slice at
+    ``m * mbs * dp + r * mbs``, as megatron's data-parallel split."""
+    chunk = micro_batch_size * dp_size
+    return [batch[m * chunk + dp_rank * micro_batch_size: m * chunk + (dp_rank + 1) * micro_batch_size].tolist()
+            for m in range(num_microbatches)]
+
+
 class SFTSampler:
     """Iterating yields, per optimizer step, this rank's micro-batches: ``List[List[int]]``
     (``num_microbatches`` lists of ``micro_batch_size`` item indices)."""
@@ -103,9 +113,7 @@ class SFTSampler:
 
     def rank_microbatches(self, batch: np.ndarray) -> List[List[int]]:
         """This rank's micro-batches of a global batch."""
-        mbs, chunk = self.micro_batch_size, self.micro_batch_size * self.dp_size
-        return [batch[m * chunk + self.dp_rank * mbs : m * chunk + (self.dp_rank + 1) * mbs].tolist()
-                for m in range(self.num_microbatches)]
+        return split_for_rank(batch, self.micro_batch_size, self.dp_rank, self.dp_size, self.num_microbatches)
 
     def __iter__(self) -> Iterator[List[List[int]]]:
         order_epoch, order = None, None
@@ -182,9 +190,7 @@ class EvalSampler:
         return out
 
     def rank_microbatches(self, batch: np.ndarray) -> List[List[int]]:
-        mbs, chunk = self.micro_batch_size, self.micro_batch_size * self.dp_size
-        return [batch[m * chunk + self.dp_rank * mbs : m * chunk + (self.dp_rank + 1) * mbs].tolist()
-                for m in range(self.num_microbatches)]
+        return split_for_rank(batch, self.micro_batch_size, self.dp_rank, self.dp_size, self.num_microbatches)
 
     def __iter__(self) -> Iterator[List[List[int]]]:
         for batch in self.global_batches():
