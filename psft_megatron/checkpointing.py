@@ -216,9 +216,12 @@ def check_model_keys(ckpt_dir: str, requests: List[dict], stored: dict) -> None:
         torch.distributed.all_gather_object(everyone, mine)
         for other in everyone:
             wanted.update(other)
-    missing = sorted(k for k in wanted if k not in stored and not k.endswith("_extra_state"))
+    def extra_state(key: str) -> bool:  # objects are stored per shard: "<key>/shard_<i>_<n>"
+        return key.split("/", 1)[0].endswith("_extra_state")
+
+    missing = sorted(k for k in wanted if k not in stored and not extra_state(k))
     unexpected = sorted(k for k, item in stored.items() if isinstance(item, ShardedTensor) and k not in wanted
-                        and not k.endswith("_extra_state") and not k.startswith(_NOT_MODEL_PREFIXES))
+                        and not extra_state(k) and not k.startswith(_NOT_MODEL_PREFIXES))
 
     def few(keys):
         return ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
