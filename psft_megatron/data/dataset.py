@@ -48,6 +48,27 @@ def make_formatter(data_cfg: DataConfig, tokenizer: Tokenizer, tok_cfg: Tokenize
     return SampleFormatter(tokenizer, tok_cfg)
 
 
+class _Progress:
+    """Progress of tokenising: a line per file, and one every ``every_s`` seconds inside a long
+    one; printed by global rank 0 only (``RANK`` unset: a single process)."""
+
+    def __init__(self, num_files: int, prefix: str, every_s: float = 10.0):
+        self.enabled = os.environ.get("RANK", "0") == "0"
+        self.num_files, self.prefix, self.every_s = num_files, prefix, every_s
+        self.start = self.last = time.perf_counter()
+
+    def tick(self, index: int, path: str, records: int) -> None:
+        if self.enabled and records % 256 == 0 and time.perf_counter() - self.last >= self.every_s:
+            self.last = time.perf_counter()
+            print(f"tokenising {self.prefix} [{index + 1}/{self.num_files}] {path}: {records} records so far "
+                  f"({self.last - self.start:.0f} s)", flush=True)
+
+    def done(self, index: int, path: str, records: int) -> None:
+        if self.enabled:
+            print(f"tokenised {self.prefix} [{index + 1}/{self.num_files}] {path}: {records} records "
+                  f"({time.perf_counter() - self.start:.1f} s)", flush=True)
+
+
 def tokenize_files(data_cfg: DataConfig, formatter, chunk: int = 256) -> TokenizedStore:
     """Read and tokenise every record of ``data_cfg.file_names``; errors name file and line/row.
 
@@ -65,9 +86,11 @@ def tokenize_files(data_cfg: DataConfig, formatter, chunk: int = 256) -> Tokeniz
         clocs.clear()
 
     counts = []
-    for path in data_cfg.file_names:
+    progress = _Progress(len(data_cfg.file_names), data_cfg.prefix)
+    for index, path in enumerate(data_cfg.file_names):
         before = len(samples) + len(convs)
         for record, loc in iter_records(path, data_cfg.split):
+            progress.tick(index, path, len(samples) + len(convs) - before)
             if template:
                 convs.append(formatter.convert(record, loc))
             else:
@@ -80,6 +103,7 @@ def tokenize_files(data_cfg: DataConfig, formatter, chunk: int = 256) -> Tokeniz
         if counts[-1] == 0:
             raise DataError("no records: the file is empty; add data or remove it from "
                             f"{data_cfg.prefix}.file_names", Location(path))
+        progress.done(index, path, counts[-1])
     if convs:
         flush()
     return TokenizedStore.from_samples(samples, locs, list(data_cfg.file_names), source_counts=counts,
