@@ -92,6 +92,14 @@ class StopSignals:
         return bool(flag)
 
 
+def _epochs(sampler_state: dict) -> float:
+    """Fractional epochs the training data has been read for after a step: consumed items over
+    the items of one pass (all sources together for a mixing sampler)."""
+    total = sampler_state.get("num_samples", 0)
+    total = sum(total) if isinstance(total, (list, tuple)) else total
+    return float(sampler_state.get("consumed_samples", 0)) / total if total else 0.0
+
+
 def _rng_states() -> dict:
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
@@ -427,7 +435,8 @@ class Trainer:
                 self.step += 1
                 self.sampler_state = sampler_state
                 last = self._share(self._with_positions(result.metrics, micros), STEP_KEYS + ("num_positions",))
-                last.update(lr=self.tm.optimizer.param_groups[0]["lr"], phase=0.0 if self.window_mode == "sft" else 1.0)
+                last.update(lr=self.tm.optimizer.param_groups[0]["lr"], phase=0.0 if self.window_mode == "sft" else 1.0,
+                            epoch=_epochs(sampler_state))
                 last.update(self._throughput(elapsed, forward_only_s, last.get("num_positions", 0.0)))
                 if result.grad_norm is not None:
                     last["grad_norm"] = result.grad_norm
