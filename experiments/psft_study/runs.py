@@ -1,0 +1,105 @@
+"""Training runs through ``pretrain_psft.py`` (torchrun, CPU, gloo) and export of their checkpoints to HF.
+
+Every method gets the same data, seed, lr, batch and steps; only ``model.psft`` differs.
+A run resumes from its latest checkpoint when interrupted (``exp_manager.resume_if_exists``).
+Checkpoints are exported with ``tools/convert_megatron_to_hf.py`` right after their run; the
+megatron checkpoint of an exported step is then removed (except the newest, which a resume needs).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+
+METHODS: Dict[str, List[str]] = {
+    "sft": ["model.psft.loss=sft"],
+    "psft": ["model.psft.loss=psft", "model.psft.clip_eps_high=0.28", "model.psft.old_policy_interval=8"],
+    "psft_frozen": ["model.psft.loss=psft", "model.psft.clip_eps_high=0.28", "model.psft.freeze_old_policy=true"],
+    "dft": ["model.psft.loss=dft"],
+    "sft_kl": ["model.psft.loss=sft_kl", "model.psft.kl_coef=0.5", "model.psft.kl_estimator=k3"],
+}
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 48
+    save_every: int = 16
+    lr: float = 2e-5
+    global_batch: int = 8
+    micro_batch: int = 4
+    max_seq_length: int = 320
+    seed: int = 1234
+    nproc: int = 1
+    threads: int = 2
+
+
+def train_command(method: str, *, ckpt: str, train_file: str, run_dir: str, cfg: TrainConfig,
+                  python: Optional[str] = None) -> List[str]:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+    return [python or sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(cfg.nproc),
+            os.path.join(REPO, "pretrain_psft.py"), "--config-path", HERE, "--config-name", "train_base",
+            f"trainer.devices={cfg.nproc}", f"trainer.max_steps={cfg.steps}",
+            f"exp_manager.explicit_log_dir={os.path.abspath(run_dir)}",
+            f"exp_manager.checkpoint_callback_params.every_n_train_steps={cfg.save_every}",
+            "exp_manager.checkpoint_callback_params.save_top_k=1000",
+            f"model.tensor_model_parallel_size={cfg.nproc}",
+            f"model.restore_from_path={os.path.abspath(ckpt)}",
+            f"model.data.train_ds.file_names=[{os.path.abspath(train_file)}]",
+            f"model.data.train_ds.max_seq_length={cfg.max_seq_length}",
+            f"model.global_batch_size={cfg.global_batch}", f"model.micro_batch_size={cfg.micro_batch}",
+            f"model.seed={cfg.seed}", f"model.optim.lr={cfg.lr}"] + METHODS[method]
+
+
+_STEP = re.compile(r"\[train\] step (\d+)/(\d+)")
+
+
+def run_training(cmd: List[str], log_path: str, on_step: Optional[Callable[[int, int], None]] = None) -> None:
+    """Run ``cmd`` (niced), its output into ``log_path``; ``on_step(step, total)`` per progress line."""
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"), PYTHONWARNINGS="ignore")
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    with open(log_path, "a", encoding="utf-8") as log:
+        proc = subprocess.Popen(["nice", "-n", "10"] + cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, bufsize=1)
+        for line in proc.stdout:
+            log.write(line)
+            log.flush()
+            m = _STEP.search(line)
+            if m and on_step:
+                on_step(int(m.group(1)), int(m.group(2)))
+        rc = proc.wait()
+    if rc != 0:
+        raise RuntimeError(f"training failed (exit {rc}); log: {log_path}")
+
+
+def checkpoint_steps(ckpt_root: str) -> List[int]:
+    if not os.path.isdir(ckpt_root):
+        return []
+    return sorted(int(m.group(1)) for m in (re.match(r"^iter_(\d{7,})$", d) for d in os.listdir(ckpt_root)) if m)
+
+
+def export_command(ckpt_dir: str, out_dir: str, python: Optional[str] = None) -> List[str]:
+    return [python or sys.executable, os.path.join(REPO, "tools", "convert_megatron_to_hf.py"),
+            "--ckpt", ckpt_dir, "--out", out_dir]
+
+
+def export_checkpoint(ckpt_dir: str, out_dir: str, log_path: str) -> str:
+    """Export one megatron checkpoint to an HF directory (written to ``out_dir.tmp``, then renamed)."""
+    tmp = out_dir + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    with open(log_path, "a", encoding="utf-8") as log:
+        subprocess.run(["nice", "-n", "10"] + export_command(ckpt_dir, tmp), cwd=REPO, env=env, check=True,
+                       stdout=log, stderr=subprocess.STDOUT)
+    os.replace(tmp, out_dir)
+    return out_dir
