@@ -203,6 +203,12 @@ def test_export_evaluate_loop_report_and_resume(tiny, tmp_path, monkeypatch):
     lines.clear()
     DR.build(out, cfg, log=lines.append).run()
     assert [l.split()[2] for l in lines if " start" in l] == ["eval_sft_step2"]
+    # the same directory with another config is refused
+    DR.check_config(out, cfg)
+    DR.check_config(out, cfg)
+    cfg.train.lr = 1e-4
+    with pytest.raises(SystemExit, match="train"):
+        DR.check_config(out, cfg)
 
 
 def test_train_command_per_method(tmp_path):

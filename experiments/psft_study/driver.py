@@ -40,17 +40,20 @@ class StudyConfig:
 def full_config() -> StudyConfig:
     # 96 training problems, batch 8: 12 steps an epoch, 48 steps = 4 epochs; evaluated at 16, 32, 48.
     return StudyConfig("full", n_train=96, n_test=48, n_ood=len(D.OOD_PROMPTS), n_if=len(D.IF_PROBES),
-                       train=TrainConfig(steps=48, save_every=16, lr=2e-5, global_batch=8, micro_batch=4),
-                       eval=EvalConfig(n_greedy=32, n_passk=8, k=8, max_new_tokens=112, ood_max_new_tokens=64,
+                       train=TrainConfig(steps=48, save_every=16, lr=2e-5, global_batch=8, micro_batch=4,
+                                         max_seq_length=192),
+                       eval=EvalConfig(n_greedy=32, n_passk=8, k=8, max_new_tokens=128, ood_max_new_tokens=64,
                                        ood_samples=2, if_max_new_tokens=48, batch_size=32))
 
 
 def quick_config() -> StudyConfig:
-    # every stage, tiny sizes: 16 problems, 4 steps (2 epochs), one evaluated checkpoint per method.
-    return StudyConfig("quick", n_train=16, n_test=8, n_ood=4, n_if=4,
-                       train=TrainConfig(steps=4, save_every=4, lr=2e-5, global_batch=8, micro_batch=4),
-                       eval=EvalConfig(n_greedy=4, n_passk=2, k=2, max_new_tokens=64, ood_max_new_tokens=24,
-                                       ood_samples=2, if_max_new_tokens=24, batch_size=16))
+    # every stage at tiny sizes (its numbers mean nothing): 8 problems, batch 4, 4 steps (2 epochs),
+    # one evaluated checkpoint per method, short generations.
+    return StudyConfig("quick", n_train=8, n_test=4, n_ood=2, n_if=2,
+                       train=TrainConfig(steps=4, save_every=4, lr=2e-5, global_batch=4, micro_batch=2,
+                                         max_seq_length=256),
+                       eval=EvalConfig(n_greedy=2, n_passk=1, k=2, max_new_tokens=48, ood_max_new_tokens=16,
+                                       ood_samples=2, if_max_new_tokens=16, batch_size=4))
 
 
 # rough seconds per stage on 2 quiet cores, only for the ETA before anything has been timed
@@ -80,7 +83,8 @@ class Study:
         self.state_dir = os.path.join(out, "state")
         self.stages: List[tuple] = []
         self.t0 = time.time()
-        self._spent_est = 0.0   # estimate of the stages finished in this process
+        self._spent_est = 0.0      # estimated seconds of the stages finished in this process
+        self._spent_actual = 0.0   # and their measured seconds
         self._base = None
 
     def add(self, name: str, fn: Callable[[], Dict]) -> None:
@@ -93,16 +97,16 @@ class Study:
         return os.path.exists(self.state_path(name))
 
     def eta(self, remaining_est: float) -> float:
-        elapsed = time.time() - self.t0
-        scale = elapsed / self._spent_est if self._spent_est > 30 else 1.0
+        """Remaining estimate scaled by (measured / estimated) over the stages finished in this process."""
+        scale = self._spent_actual / self._spent_est if self._spent_est > 30 else 1.0
         return remaining_est * scale
 
     def progress(self, i: int, name: str, note: str = "", within: float = 0.0) -> None:
+        """``within``: the fraction of stage ``i`` already done (training steps)."""
         todo = [n for n, _ in self.stages[i:] if not self.done(n)]
-        remaining = sum(stage_estimate(n, self.cfg) for n in todo) * (1.0 - within) if todo else 0.0
-        if todo and within:
-            remaining = (sum(stage_estimate(n, self.cfg) for n in todo)
-                         - within * stage_estimate(todo[0], self.cfg))
+        remaining = sum(stage_estimate(n, self.cfg) for n in todo)
+        if todo and todo[0] == name:
+            remaining -= within * stage_estimate(name, self.cfg)
         self.log(f"[study] {i + 1}/{len(self.stages)} {name} {note}  elapsed {fmt_s(time.time() - self.t0)}"
                  f"  eta {fmt_s(self.eta(remaining))}".rstrip())
 
@@ -126,6 +130,7 @@ class Study:
             os.replace(tmp, self.state_path(name))
             results[name] = result
             self._spent_est += stage_estimate(name, self.cfg)
+            self._spent_actual += record["seconds"]
             self.progress(i, name, f"done in {fmt_s(record['seconds'])}")
         self.log(f"[study] all {len(self.stages)} stages done; {fmt_s(time.time() - self.t0)} in this session")
         return results
@@ -256,6 +261,24 @@ def write_report(out: str, cfg: StudyConfig) -> Dict:
     return {"report": os.path.join(rep, "results.md"), "stage_seconds": wall}
 
 
+def check_config(out: str, cfg: StudyConfig) -> None:
+    """Record the config in ``out/study_config.json``; a rerun with another config is refused
+    (finished stages would otherwise mix two configs)."""
+    path = os.path.join(out, "study_config.json")
+    now = json.loads(json.dumps(asdict(cfg)))
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            before = json.load(f)
+        if before != now:
+            diff = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+            raise SystemExit(f"{out} holds a study with another config (differs in: {', '.join(diff)}); "
+                             f"remove it or pass another --out")
+        return
+    os.makedirs(out, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(now, f, indent=1)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny sizes, every stage (< 15 min on 2 cores)")
@@ -270,6 +293,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if unknown:
             ap.error(f"unknown methods {sorted(unknown)}")
     out = a.out or os.path.join(REPO, "runs", "study", cfg.name)
+    check_config(out, cfg)
     st = build(out, cfg)
     if a.list:
         for n, _ in st.stages:

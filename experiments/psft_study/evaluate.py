@@ -21,7 +21,7 @@ class EvalConfig:
     n_greedy: int = 48          # test problems answered greedily (accuracy)
     n_passk: int = 16           # test problems sampled k times (pass@k, temperature 1)
     k: int = 8
-    max_new_tokens: int = 112   # in-domain answers (~70-100 tokens)
+    max_new_tokens: int = 128   # in-domain answers (SmolLM2 tokens: 109 on average, at most ~120)
     ood_max_new_tokens: int = 64
     ood_samples: int = 2        # sampled answers per OOD prompt (distinct-n)
     if_max_new_tokens: int = 48
