@@ -189,6 +189,8 @@ def test_export_evaluate_loop_report_and_resume(tiny, tmp_path, monkeypatch):
     assert abs(base["ood_kl_from_base"]) < 1e-6 and metrics["ood_kl_from_base"] > 1e-4
     # report: table rows for base and every (method, step), both PNGs
     md = open(res["report"]["report"]).read()
+    assert "Instruction following: the base model passes" in md
+    assert "not read" in DR.if_note({"if_pass_rate": 0.1}) and "is read" in DR.if_note({"if_pass_rate": 0.5})
     for row in ("| base | 0 |", "| sft | 2 |", "| sft | 4 |", "| psft | 2 |", "| psft | 4 |"):
         assert row in md
     from PIL import Image

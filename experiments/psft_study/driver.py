@@ -233,6 +233,20 @@ def collect(out: str, cfg: StudyConfig):
     return base, results
 
 
+IF_MIN_BASE_RATE = 0.25
+
+
+def if_note(base: Optional[Dict]) -> str:
+    """Whether the instruction-following column is worth reading: only if the base model passes a real share."""
+    if not base or base.get("if_pass_rate") is None:
+        return "Instruction following: no base-model evaluation."
+    r = base["if_pass_rate"]
+    if r < IF_MIN_BASE_RATE:
+        return (f"Instruction following: the base model passes {r:.0%} of the probes (< {IF_MIN_BASE_RATE:.0%}); "
+                "the IF column is not read.")
+    return f"Instruction following: the base model passes {r:.0%} of the probes; the IF column is read."
+
+
 def write_report(out: str, cfg: StudyConfig) -> Dict:
     import subprocess
     from . import plot as P
@@ -255,7 +269,7 @@ def write_report(out: str, cfg: StudyConfig) -> Dict:
                for f in os.listdir(os.path.join(out, "state")) if f.endswith(".json"))
     md = [f"# PSFT study ({cfg.name}): results", "",
           f"Stage time, summed over stages: {fmt_s(wall)}. Config: `{json.dumps(asdict(cfg))}`", "",
-          P.table(rows, k=k), "", "![eval curves](eval_curves.png)", "", "![training curves](train_curves.png)", ""]
+          P.table(rows, k=k), "", if_note(base), "", "![eval curves](eval_curves.png)", "", "![training curves](train_curves.png)", ""]
     with open(os.path.join(rep, "results.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(md))
     return {"report": os.path.join(rep, "results.md"), "stage_seconds": wall}

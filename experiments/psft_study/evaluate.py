@@ -168,14 +168,14 @@ def evaluate_model(model_dir: str, data_dir: str, out_dir: str, cfg: EvalConfig,
     res[f"indomain_pass@{cfg.k}"] = M.mean([M.pass_at_k(n, c, cfg.k) for n, c in pk])
     res["indomain_pass@1_sampled"] = M.mean([M.pass_at_k(n, c, 1) for n, c in pk])
     tf = teacher_forced(model, tok, [prompt_messages(p["question"]) for p in test[:cfg.n_greedy]],
-                        [p["solution"] for p in test[:cfg.n_greedy]], batch_size=cfg.batch_size)
+                        [p["solution"] for p in test[:cfg.n_greedy]], batch_size=min(cfg.batch_size, 8))
     res["indomain_nll"], res["indomain_entropy"] = tf["nll"], tf["entropy"]
 
     # OOD: drift on the base model's own answers, entropy there, sampled diversity
     refs = read_jsonl(os.path.join(data_dir, "ood_ref.jsonl"))
     msgs = [prompt_messages(r["prompt"], None) for r in refs]
     tf = teacher_forced(model, tok, msgs, [r["reference"] for r in refs],
-                        ref_model=base[0] if base else None, batch_size=cfg.batch_size)
+                        ref_model=base[0] if base else None, batch_size=min(cfg.batch_size, 8))
     res["ood_nll"], res["ood_entropy"] = tf["nll"], tf["entropy"]
     if "kl" in tf:
         res["ood_kl_from_base"] = tf["kl"]
