@@ -12,7 +12,7 @@ COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 1
 W, H, MARGIN = 380, 260, 50
 
 TABLE_COLUMNS = [("indomain_acc", "acc (greedy)"), ("indomain_pass@8", "pass@8"), ("indomain_entropy", "entropy ID"),
-                 ("ood_entropy", "entropy OOD"), ("ood_nll", "OOD NLL"), ("ood_kl_from_base", "KL(tuned||base)"),
+                 ("ood_entropy", "entropy OOD"), ("ood_nll", "OOD NLL"), ("ood_kl_from_base", "KL from base"),
                  ("ood_distinct2", "distinct-2"), ("if_pass_rate", "IF pass")]
 
 
