@@ -106,8 +106,7 @@ def model_yaml_values(path: str) -> Dict[str, Any]:
 
 def model_config_from_values(values: Dict[str, Any], where: str) -> ModelConfig:
     """ModelConfig from plain values; a missing or bad key is a ConversionError naming ``where``."""
-    missing = [f.name for f in dataclasses.fields(ModelConfig)
-               if f.default is dataclasses.MISSING and f.name not in values]
+    missing = ModelConfig.missing_keys(values)
     if missing:
         raise ConversionError(f"{where}: the model config lacks {', '.join('model.' + k for k in missing)}")
     try:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, List, Mapping, Optional
 
 import torch
 
@@ -110,6 +110,11 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown model config key(s): {', '.join('model.' + k for k in unknown)}")
         return cls(**dict(values))
+
+    @classmethod
+    def missing_keys(cls, values: Mapping[str, Any]) -> List[str]:
+        """The required fields (no default) that ``values`` does not set, in field order."""
+        return [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.name not in values]
 
     @property
     def kv_channels(self) -> int:

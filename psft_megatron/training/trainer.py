@@ -143,8 +143,7 @@ def model_config(architecture: Dict, tokenizer_vocab: int, precision: str):
     arch = dict(architecture)
     arch.setdefault("vocab_size", tokenizer_vocab)
     arch["params_dtype"] = PRECISIONS[precision]
-    required = [f.name for f in dataclasses.fields(ModelConfig) if f.default is dataclasses.MISSING]
-    missing = [key for key in required if key not in arch]
+    missing = ModelConfig.missing_keys(arch)
     if missing:
         raise ConfigError(f"{', '.join('model.' + k for k in missing)}: not set (set them, or restore a checkpoint "
                           "that records its model with model.restore_from_path)")
