@@ -43,17 +43,24 @@ def _user_fields(cls) -> dict:
     return {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
 
 
+def _as_mapping(data: Any, prefix: str, what: str) -> Mapping:
+    """``data`` (a dict, an OmegaConf node or None) as a plain mapping; anything else is a
+    ConfigError naming ``prefix``."""
+    data = _to_plain(data)
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{prefix}: must be a mapping of {what}, got {data!r}")
+    return data
+
+
 def _from_dict(cls, data: Optional[Mapping], prefix: str, extra: Optional[Mapping] = None):
     """``cls(**data)``: unknown keys are errors with the closest valid key, wrong types name the
     key (the run config's rules, :mod:`psft_megatron.config.loader`). ``extra``: internal
     fields set by the caller."""
     from psft_megatron.config.loader import _check_type, _closest
 
-    data = _to_plain(data)
-    if data is None:
-        data = {}
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{prefix}: must be a mapping of keys, got {data!r}")
+    data = _as_mapping(data, prefix, "keys")
     fields = _user_fields(cls)
     hints = typing.get_type_hints(cls)
     values = {}
@@ -202,12 +209,7 @@ class DataConfig:
         """Validated config from a dict / OmegaConf node; ``prefix`` names the keys in errors.
         A ``prefix`` ending in ``validation_ds`` gives validation defaults (no shuffle, no
         drop_last)."""
-        data = _to_plain(data)
-        if data is None:
-            data = {}
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"{prefix}: must be a mapping of data keys, got {data!r}")
-        data = dict(data)
+        data = dict(_as_mapping(data, prefix, "data keys"))
         if isinstance(data.get("file_names"), str):
             data["file_names"] = [data["file_names"]]
         ignored = []
