@@ -40,6 +40,9 @@ class ParallelConfig:
         context_parallel_size: CP, splits every sequence (load-balanced, 2*CP chunks).
         sequence_parallel: SP, shards activations outside TP regions along the sequence
             (needs TP > 1 to have an effect).
+        expert_model_parallel_size: EP, splits the experts of MoE layers over ranks (a grid of
+            its own: ETP * EP * PP must divide the world; the rest is expert data parallelism).
+        expert_tensor_parallel_size: ETP, splits each expert's MLP; None means ETP = TP.
     """
 
     tensor_model_parallel_size: int = 1
@@ -47,6 +50,13 @@ class ParallelConfig:
     virtual_pipeline_model_parallel_size: Optional[int] = None
     context_parallel_size: int = 1
     sequence_parallel: bool = False
+    expert_model_parallel_size: int = 1
+    expert_tensor_parallel_size: Optional[int] = None
+
+    @property
+    def expert_tensor_size(self) -> int:
+        """ETP as megatron resolves it (None -> TP)."""
+        return self.expert_tensor_parallel_size or self.tensor_model_parallel_size
 
     @property
     def model_parallel_size(self) -> int:
@@ -66,6 +76,9 @@ class ParallelConfig:
         parts.append(f"CP={self.context_parallel_size}")
         if self.sequence_parallel:
             parts.append("SP")
+        if self.expert_model_parallel_size > 1 or self.expert_tensor_size != self.tensor_model_parallel_size:
+            parts.append(f"EP={self.expert_model_parallel_size}")
+            parts.append(f"ETP={self.expert_tensor_size}")
         return "+".join(parts)
 
     def validate(self, world_size: int) -> None:
@@ -84,6 +97,16 @@ class ParallelConfig:
                 f"world size {world_size} is not divisible by TP*PP*CP = "
                 f"{self.tensor_model_parallel_size}*{self.pipeline_model_parallel_size}*"
                 f"{self.context_parallel_size} = {self.model_parallel_size}"
+            )
+        for name in ("expert_model_parallel_size", "expert_tensor_parallel_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"parallel.{name} must be >= 1, got {value}")
+        expert_grid = self.expert_tensor_size * self.expert_model_parallel_size * self.pipeline_model_parallel_size
+        if world_size % expert_grid:
+            raise ValueError(
+                f"world size {world_size} is not divisible by ETP*EP*PP = {self.expert_tensor_size}*"
+                f"{self.expert_model_parallel_size}*{self.pipeline_model_parallel_size} = {expert_grid}"
             )
 
 
@@ -165,6 +188,8 @@ def reinitialize_model_parallel(parallel: ParallelConfig, seed: int = 1234) -> N
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
         context_parallel_size=parallel.context_parallel_size,
+        expert_model_parallel_size=parallel.expert_model_parallel_size,
+        expert_tensor_parallel_size=parallel.expert_tensor_parallel_size,
     )
     set_seeds(seed)
 

@@ -207,6 +207,7 @@ def check_layout(cfg: RunConfig, world_size: int, vocab_size: Optional[int] = No
                           f"virtual_pipeline_model_parallel_size = {pp}*{vpp}")
     if m.virtual_pipeline_model_parallel_size and pp < 2:
         raise ConfigError("model.virtual_pipeline_model_parallel_size needs model.pipeline_model_parallel_size >= 2")
+    _check_expert_layout(m, world_size)
     if m.global_batch_size % (m.micro_batch_size * dp):
         raise ConfigError(f"model.global_batch_size={m.global_batch_size} is not divisible by "
                           f"model.micro_batch_size * data-parallel size = {m.micro_batch_size}*{dp}")
@@ -214,6 +215,40 @@ def check_layout(cfg: RunConfig, world_size: int, vocab_size: Optional[int] = No
         local = int(os.environ["LOCAL_WORLD_SIZE"])
         if local != cfg.trainer.devices:
             raise ConfigError(f"trainer.devices={cfg.trainer.devices} but torchrun started {local} processes per node")
+
+
+def _check_expert_layout(m: ModelSection, world_size: int) -> None:
+    """EP / ETP against the world and the MoE architecture (megatron's expert grid is
+    ETP * EP * PP, with expert data parallelism the rest of the world)."""
+    tp, pp = m.tensor_model_parallel_size, m.pipeline_model_parallel_size
+    ep, etp = m.expert_model_parallel_size, m.expert_tensor_parallel_size
+    for key, value in (("expert_model_parallel_size", ep), ("expert_tensor_parallel_size", etp)):
+        if value is not None and value < 1:
+            raise ConfigError(f"model.{key}={value} must be >= 1")
+    etp = etp or tp
+    arch = m.architecture
+    experts = arch.get("num_experts")
+    if experts is None:
+        if ep > 1 or m.expert_tensor_parallel_size is not None:
+            key = "expert_model_parallel_size" if ep > 1 else "expert_tensor_parallel_size"
+            raise ConfigError(f"model.{key}={getattr(m, key)} needs an MoE model: model.num_experts is not set")
+        return
+    if world_size % (etp * ep * pp):
+        raise ConfigError(f"world size {world_size} is not divisible by model.expert_tensor_parallel_size * "
+                          f"expert_model_parallel_size * pipeline_model_parallel_size = {etp}*{ep}*{pp}")
+    if isinstance(experts, int) and experts % ep:
+        raise ConfigError(f"model.num_experts={experts} is not divisible by model.expert_model_parallel_size={ep}")
+    width = arch.get("moe_ffn_hidden_size")
+    if isinstance(width, int) and width % etp:
+        raise ConfigError(f"model.moe_ffn_hidden_size={width} is not divisible by model.expert_tensor_parallel_size"
+                          f"={etp}" + (" (null: the tensor-parallel size)" if m.expert_tensor_parallel_size is None else ""))
+    shared = arch.get("moe_shared_expert_intermediate_size")
+    if isinstance(shared, int) and shared % tp:
+        raise ConfigError(f"model.moe_shared_expert_intermediate_size={shared} is not divisible by "
+                          f"model.tensor_model_parallel_size={tp}")
+    if tp > 1 and not m.sequence_parallel:
+        raise ConfigError(f"model.sequence_parallel must be true for an MoE model at model.tensor_model_parallel_size"
+                          f"={tp} (megatron's MoE layers refuse to train with TP and without SP)")
 
 
 def check_requirements(cfg: RunConfig) -> None:
@@ -225,6 +260,7 @@ def check_requirements(cfg: RunConfig) -> None:
     from psft_megatron.model.fp8 import check_fp8_hardware
     from psft_megatron.optional import is_available
 
+    _check_moe_requirements(cfg.model)
     fp8 = fp8_config(cfg.model)
     if not fp8.enabled:
         return
@@ -237,6 +273,22 @@ def check_requirements(cfg: RunConfig) -> None:
         check_fp8_hardware(fp8)
     except RuntimeError as exc:
         raise ConfigError(str(exc)) from exc
+
+
+def _check_moe_requirements(m: ModelSection) -> None:
+    """The flex token dispatcher needs CUDA and DeepEP (megatron's default flex backend)."""
+    import torch
+
+    from psft_megatron.optional import is_available
+
+    if m.architecture.get("num_experts") is None or m.architecture.get("moe_token_dispatcher_type") != "flex":
+        return
+    if not torch.cuda.is_available():
+        raise ConfigError("model.moe_token_dispatcher_type=flex needs GPUs (DeepEP kernels); on CPU use alltoall "
+                          "or allgather")
+    if not is_available("deep_ep"):
+        raise ConfigError("model.moe_token_dispatcher_type=flex needs DeepEP (deep_ep), which is not installed; "
+                          "use alltoall or allgather")
 
 
 def check_paths(cfg: RunConfig) -> None:

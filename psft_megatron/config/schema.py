@@ -129,6 +129,8 @@ class ModelSection:
     virtual_pipeline_model_parallel_size: Optional[int] = None
     context_parallel_size: int = 1
     sequence_parallel: bool = False
+    expert_model_parallel_size: int = 1  # EP: experts of MoE layers split over ranks
+    expert_tensor_parallel_size: Optional[int] = None  # ETP: each expert split; null = TP
     micro_batch_size: int = 1
     global_batch_size: int = 8
     seed: int = 1234

@@ -5,7 +5,8 @@ with the parallel layout taken from :class:`psft_megatron.runtime.ParallelConfig
 The family of models covered: pre-norm decoder, RMSNorm, SwiGLU MLP, RoPE (optionally with
 Llama-3 frequency scaling), grouped-query attention, optional QKV bias (Qwen2/2.5), optional
 per-head QK RMSNorm (Qwen3), a head dimension that may differ from hidden / heads (Qwen3),
-tied or untied input/output embeddings.
+tied or untied input/output embeddings; and Mixture-of-Experts MLPs (Qwen3-MoE, Qwen2-MoE:
+top-k softmax router, SwiGLU experts, optional gated shared expert, dense layers by index).
 """
 
 from __future__ import annotations
@@ -21,6 +22,11 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 #: Llama-3 RoPE scaling parameters hard-coded in megatron-core's RotaryEmbedding; a
 #: checkpoint asking for other values cannot be represented exactly.
 LLAMA3_ROPE_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+#: megatron's ``moe_router_load_balancing_type`` values
+MOE_AUX_LOSS_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss", "none")
+#: token dispatchers; ``flex`` (DeepEP / HybridEP) is GPU-only
+MOE_DISPATCHERS = ("alltoall", "allgather", "flex")
 
 
 @dataclass
@@ -48,6 +54,28 @@ class ModelConfig:
         make_vocab_size_divisible_by: padding multiple, multiplied by TP.
         init_method_std: std of the normal initialiser.
         params_dtype: "float32", "bfloat16" or "float16".
+
+    Mixture-of-Experts (all ignored while ``num_experts`` is None, a dense model):
+        num_experts: routed experts E per MoE layer.
+        moe_router_topk: experts k each token is sent to.
+        moe_ffn_hidden_size: SwiGLU inner width of one expert (required with num_experts).
+        moe_norm_topk_prob: True (Qwen3): the k chosen probabilities are renormalised to sum to
+            1 (megatron: softmax over the top-k logits, ``moe_router_pre_softmax=False``);
+            False (Qwen2-MoE): softmax over all E experts, the top k kept as they are
+            (``moe_router_pre_softmax=True``).
+        moe_shared_expert_intermediate_size: SwiGLU width of the shared expert every token goes
+            through (Qwen2-MoE); None for none.
+        moe_shared_expert_gate: the shared expert's output scaled by sigmoid(x @ gate), gate
+            ``[1, h]`` (Qwen2-MoE).
+        moe_aux_loss_type: load-balancing loss, megatron's ``moe_router_load_balancing_type``:
+            aux_loss (per micro-batch), seq_aux_loss (per sequence), global_aux_loss, none.
+        moe_aux_loss_coeff: its weight in the training loss.
+        moe_z_loss_coeff: router z-loss weight (mean of logsumexp(logits)^2); None for none.
+        moe_token_dispatcher_type: alltoall or allgather (flex needs DeepEP on GPUs).
+        moe_router_dtype: dtype of the router's GEMM and softmax: "fp32", "fp64" or None (the
+            model's dtype).
+        moe_dense_layers: 0-based indices of layers that keep the dense MLP (Qwen's
+            ``mlp_only_layers``); every other layer is an MoE layer.
     """
 
     num_layers: int
@@ -67,6 +95,18 @@ class ModelConfig:
     make_vocab_size_divisible_by: int = 128
     init_method_std: float = 0.02
     params_dtype: str = "float32"
+    num_experts: Optional[int] = None
+    moe_router_topk: int = 2
+    moe_ffn_hidden_size: Optional[int] = None
+    moe_norm_topk_prob: bool = True
+    moe_shared_expert_intermediate_size: Optional[int] = None
+    moe_shared_expert_gate: bool = False
+    moe_aux_loss_type: str = "aux_loss"
+    moe_aux_loss_coeff: float = 0.001
+    moe_z_loss_coeff: Optional[float] = None
+    moe_token_dispatcher_type: str = "alltoall"
+    moe_router_dtype: Optional[str] = "fp32"
+    moe_dense_layers: List[int] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "vocab_size"):
@@ -87,6 +127,49 @@ class ModelConfig:
             raise ValueError(f"model.params_dtype={self.params_dtype!r} is not one of {sorted(_DTYPES)}")
         if self.rope_scaling is not None:
             self._check_rope_scaling(self.rope_scaling)
+        if self.num_experts is not None:
+            self._check_moe()
+
+    def _check_moe(self) -> None:
+        """The MoE fields, each error naming its key."""
+        def whole(name: str, low: int) -> int:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"model.{name} must be an integer >= {low}, got {value!r}")
+            return value
+
+        experts = whole("num_experts", 1)
+        topk = whole("moe_router_topk", 1)
+        if topk > experts:
+            raise ValueError(f"model.moe_router_topk={topk} is larger than model.num_experts={experts}")
+        if self.moe_ffn_hidden_size is None:
+            raise ValueError("model.moe_ffn_hidden_size is not set: an MoE model (model.num_experts set) needs the "
+                             "width of one expert")
+        whole("moe_ffn_hidden_size", 1)
+        if self.moe_shared_expert_intermediate_size is not None:
+            whole("moe_shared_expert_intermediate_size", 1)
+        elif self.moe_shared_expert_gate:
+            raise ValueError("model.moe_shared_expert_gate=true needs model.moe_shared_expert_intermediate_size")
+        if self.moe_aux_loss_type not in MOE_AUX_LOSS_TYPES:
+            raise ValueError(f"model.moe_aux_loss_type={self.moe_aux_loss_type!r} is not one of "
+                             f"{', '.join(MOE_AUX_LOSS_TYPES)}")
+        if self.moe_aux_loss_coeff < 0:
+            raise ValueError(f"model.moe_aux_loss_coeff={self.moe_aux_loss_coeff} must be >= 0")
+        if self.moe_z_loss_coeff is not None and self.moe_z_loss_coeff < 0:
+            raise ValueError(f"model.moe_z_loss_coeff={self.moe_z_loss_coeff} must be >= 0 (or null for none)")
+        if self.moe_token_dispatcher_type not in MOE_DISPATCHERS:
+            raise ValueError(f"model.moe_token_dispatcher_type={self.moe_token_dispatcher_type!r} is not one of "
+                             f"{', '.join(MOE_DISPATCHERS)}")
+        if self.moe_router_dtype not in (None, "fp32", "fp64"):
+            raise ValueError(f"model.moe_router_dtype={self.moe_router_dtype!r} is not one of fp32, fp64, null")
+        dense = list(self.moe_dense_layers or [])
+        bad = [i for i in dense if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.num_layers]
+        if bad:
+            raise ValueError(f"model.moe_dense_layers={dense}: {bad[0]!r} is not a layer index in "
+                             f"[0, model.num_layers={self.num_layers})")
+        if len(set(dense)) == self.num_layers:
+            raise ValueError(f"model.moe_dense_layers={dense} names every layer: no MoE layer is left "
+                             "(unset model.num_experts for a dense model)")
 
     @staticmethod
     def _check_rope_scaling(scaling: Mapping[str, Any]) -> None:
@@ -123,6 +206,43 @@ class ModelConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         return _DTYPES[self.params_dtype]
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts is not None
+
+    def moe_layer_pattern(self) -> List[int]:
+        """megatron's ``moe_layer_freq`` as a list: 1 for an MoE layer, 0 for a dense one."""
+        dense = set(self.moe_dense_layers or [])
+        return [0 if i in dense else 1 for i in range(self.num_layers)]
+
+    def moe_transformer_fields(self, parallel) -> dict:
+        """The ``TransformerConfig`` MoE fields (empty for a dense model). Grouped GEMM and the
+        permute/router fusions start off; :mod:`psft_megatron.model.fusions` turns them on where
+        the machine offers them."""
+        if not self.is_moe:
+            return {}
+        return dict(
+            num_moe_experts=self.num_experts,
+            moe_router_topk=self.moe_router_topk,
+            moe_ffn_hidden_size=self.moe_ffn_hidden_size,
+            moe_router_score_function="softmax",
+            moe_router_pre_softmax=not self.moe_norm_topk_prob,
+            moe_shared_expert_intermediate_size=self.moe_shared_expert_intermediate_size,
+            moe_shared_expert_gate=self.moe_shared_expert_gate,
+            moe_router_load_balancing_type=self.moe_aux_loss_type,
+            moe_aux_loss_coeff=self.moe_aux_loss_coeff,
+            moe_z_loss_coeff=self.moe_z_loss_coeff,
+            moe_token_dispatcher_type=self.moe_token_dispatcher_type,
+            moe_router_dtype=self.moe_router_dtype,
+            moe_layer_freq=self.moe_layer_pattern(),
+            moe_grouped_gemm=False,
+            moe_permute_fusion=False,
+            moe_router_fusion=False,
+            expert_model_parallel_size=getattr(parallel, "expert_model_parallel_size", 1),
+            expert_tensor_parallel_size=getattr(parallel, "expert_tensor_parallel_size", None)
+            or parallel.tensor_model_parallel_size,
+        )
 
     def padded_vocab_size(self, tensor_model_parallel_size: int = 1) -> int:
         """Vocab rounded up to a multiple of make_vocab_size_divisible_by * TP (as Megatron-LM)."""
@@ -176,5 +296,6 @@ class ModelConfig:
             persist_layer_norm=False,
             use_cpu_initialization=not torch.cuda.is_available(),
         )
+        values.update(self.moe_transformer_fields(parallel))
         values.update(overrides)
         return TransformerConfig(**values)

@@ -196,7 +196,8 @@ class Trainer:
         tok_cfg, train_cfg, val_cfg = self.data.tokenizer, self.data.train, self.data.validation
         self.parallel = ParallelConfig(m.tensor_model_parallel_size, m.pipeline_model_parallel_size,
                                        m.virtual_pipeline_model_parallel_size, m.context_parallel_size,
-                                       m.sequence_parallel)
+                                       m.sequence_parallel, m.expert_model_parallel_size,
+                                       m.expert_tensor_parallel_size)
         self.info = initialize(self.parallel, seed=m.seed)
         self.is_rank0 = self.info.rank == 0
 
