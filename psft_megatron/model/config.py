@@ -197,7 +197,8 @@ class ModelConfig:
     @classmethod
     def missing_keys(cls, values: Mapping[str, Any]) -> List[str]:
         """The required fields (no default) that ``values`` does not set, in field order."""
-        return [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.name not in values]
+        return [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING and f.name not in values]
 
     @property
     def kv_channels(self) -> int:
