@@ -33,8 +33,22 @@ Patches:
   megatron's custom Functions, which allocate with ``device=torch.cuda.current_device()``
   (and ``.to(torch.cuda.current_device())`` then needs no rewrite either);
 - ``synchronize``: ``torch.cuda.synchronize()`` is a no-op;
-- ``current_stream`` (megatron-core >= 0.19 only): ``torch.cuda.current_stream()`` returns an
-  inert stream; 0.19's ``start_grad_sync`` asks for it on every gradient sync;
+- ``current_stream``: ``torch.cuda.current_stream()`` returns an inert stream; 0.19's
+  ``start_grad_sync`` asks for it on every gradient sync, and the MoE alltoall dispatcher of
+  every release before its device-to-host copies;
+- ``cuda_streams``: ``torch.cuda.Stream()`` returns the inert CPU stream, ``torch.cuda.stream(s)``
+  is an empty context and ``torch.cuda.Event()`` an inert event: megatron's MoE alltoall
+  dispatcher makes a side stream for its device-to-host copies of the split sizes at
+  construction and records an event on it every step;
+- ``moe_split_sizes_as_numpy``: the alltoall dispatcher's ``maybe_move_tensor_to_cpu(x,
+  as_numpy=True)`` returns a CPU tensor unchanged (it converts only CUDA tensors), so the
+  split sizes reach ``all_to_all_single`` as a tensor, which gloo rejects (``TypeError``); on
+  CPU they become the numpy array a CUDA run gets;
+- ``gloo_uneven_first_dim``: ``tensor_parallel.mappings._gather_along_first_dim`` /
+  ``_reduce_scatter_along_first_dim`` with uneven split sizes (the alltoall dispatcher at
+  EP > 1 and ETP > 1) use list collectives of unequal tensors, which gloo refuses ("invalid
+  tensor size"); here they pad every rank's rows to the largest split, run the equal-size
+  collective and cut the padding off;
 - ``cuda_rng``: ``torch.cuda.get_rng_state`` / ``torch.cuda.random.get_rng_state`` /
   ``torch.cuda.manual_seed`` act on the CPU default generator, so megatron's
   ``CudaRNGStatesTracker`` and ``model_parallel_cuda_manual_seed`` work unchanged;
@@ -170,6 +184,26 @@ def _mode_patch(name: str):
 
 
 # ---------------------------------------------------------------------------- torch.cuda
+class _CpuEvent:
+    """What ``torch.cuda.Event()`` and a CPU stream's ``record_event()`` give on CPU: work is
+    synchronous, so the event has always happened."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def record(self, stream=None) -> None:
+        pass
+
+    def wait(self, stream=None) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def synchronize(self) -> None:
+        pass
+
+
 class _CpuStream:
     """What ``torch.cuda.current_stream()`` returns on CPU: all work is synchronous, so waiting
     on it, or making it wait, is nothing."""
@@ -181,7 +215,7 @@ class _CpuStream:
         pass
 
     def record_event(self, event=None):
-        return event
+        return event if event is not None else _CpuEvent()
 
     def synchronize(self) -> None:
         pass
@@ -249,6 +283,80 @@ def _synchronize_targets():
 
 def _current_stream_targets():
     return {"torch.cuda:current_stream": _traced("current_stream", lambda device=None: _CPU_STREAM)}
+
+
+def _cuda_streams_targets():
+    return {"torch.cuda:Stream": _traced("cuda_streams", lambda *args, **kwargs: _CPU_STREAM),
+            "torch.cuda:stream": _traced("cuda_streams", lambda stream=None: contextlib.nullcontext()),
+            "torch.cuda:Event": _traced("cuda_streams", _CpuEvent)}
+
+
+def _numpy_split_sizes(original):
+    def maybe_move_tensor_to_cpu(tensor, as_numpy: bool = False, record_stream: bool = False):
+        if as_numpy and torch.is_tensor(tensor) and tensor.device.type == "cpu":
+            _hit("moe_split_sizes_as_numpy")
+            return tensor.numpy()
+        return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    return maybe_move_tensor_to_cpu
+
+
+def _moe_split_sizes_targets():
+    from megatron.core.transformer.moe import moe_utils
+
+    return {"megatron.core.transformer.moe.token_dispatcher:maybe_move_tensor_to_cpu":
+            _numpy_split_sizes(moe_utils.maybe_move_tensor_to_cpu)}
+
+
+def _padded_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    if tensor.shape[0] == rows:
+        return tensor.contiguous()
+    pad = tensor.new_zeros((rows - tensor.shape[0],) + tuple(tensor.shape[1:]))
+    return torch.cat([tensor, pad], dim=0)
+
+
+def _uneven_gather(original):
+    def _gather_along_first_dim(input_, group, output_split_sizes=None, use_global_buffer=False):
+        """All-gather of ``[n_r, ...]`` rows with ``n_r = output_split_sizes[r]``: every rank's
+        rows padded to ``max(n)``, gathered as equal tensors, padding cut off."""
+        if output_split_sizes is None or group.size() == 1:
+            return original(input_, group, output_split_sizes=output_split_sizes,
+                            use_global_buffer=use_global_buffer)
+        _hit("gloo_uneven_first_dim")
+        sizes = [int(n) for n in output_split_sizes]
+        rows = max(sizes)
+        parts = [input_.new_empty((rows,) + tuple(input_.shape[1:])) for _ in sizes]
+        torch.distributed.all_gather(parts, _padded_rows(input_, rows), group=group)
+        return torch.cat([part[:n] for part, n in zip(parts, sizes)], dim=0)
+
+    return _gather_along_first_dim
+
+
+def _uneven_reduce_scatter(original):
+    def _reduce_scatter_along_first_dim(input_, group, input_split_sizes=None, use_global_buffer=False):
+        """Reduce-scatter of ``[sum(n), ...]`` rows, rank r keeping its ``n_r`` rows: each
+        rank's chunk padded to ``max(n)``, reduce-scattered as equal chunks, padding cut off."""
+        if input_split_sizes is None or group.size() == 1:
+            return original(input_, group, input_split_sizes=input_split_sizes,
+                            use_global_buffer=use_global_buffer)
+        _hit("gloo_uneven_first_dim")
+        sizes = [int(n) for n in input_split_sizes]
+        rows = max(sizes)
+        chunks = [_padded_rows(chunk, rows) for chunk in torch.split(input_, sizes, dim=0)]
+        output = input_.new_empty((rows,) + tuple(input_.shape[1:]))
+        torch.distributed.reduce_scatter_tensor(output, torch.cat(chunks, dim=0), group=group)
+        return output[: sizes[group.rank()]]
+
+    return _reduce_scatter_along_first_dim
+
+
+def _uneven_first_dim_targets():
+    from megatron.core.tensor_parallel import mappings
+
+    return {"megatron.core.tensor_parallel.mappings:_gather_along_first_dim":
+            _uneven_gather(mappings._gather_along_first_dim),
+            "megatron.core.tensor_parallel.mappings:_reduce_scatter_along_first_dim":
+            _uneven_reduce_scatter(mappings._reduce_scatter_along_first_dim)}
 
 
 def _cuda_rng_targets():
@@ -324,11 +432,26 @@ PATCHES: List[Patch] = [
           "pipeline_parallel/p2p_communication.py _communicate (398 / 419); dist_checkpointing/"
           "strategies/filesystem_async.py preload_tensors (230 / 248)",
           *_attribute_patch("synchronize", _synchronize_targets)),
-    Patch("current_stream", "torch.cuda.current_stream() is an inert CPU stream", ">=0.19",
+    Patch("current_stream", "torch.cuda.current_stream() is an inert CPU stream", ">=0.16.1",
           "distributed/param_and_grad_buffer.py start_grad_sync (- / 632): from 0.19.0 every grad "
-          "sync waits on the current stream for CUDA-graph events; 0.16-0.18 call it only with "
-          "several distributed-optimizer instances",
+          "sync waits on the current stream for CUDA-graph events; 0.16-0.18 call it there only with "
+          "several distributed-optimizer instances; transformer/moe/token_dispatcher.py "
+          "MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize (871 / 922) on every MoE forward",
           *_attribute_patch("current_stream", _current_stream_targets)),
+    Patch("cuda_streams", "torch.cuda.Stream/stream/Event are inert CPU stand-ins", ">=0.16.1",
+          "transformer/moe/token_dispatcher.py MoEAlltoAllTokenDispatcher.__init__ (445 / 469) and "
+          "_maybe_dtoh_and_synchronize (874, 895 / 925, 946)",
+          *_attribute_patch("cuda_streams", _cuda_streams_targets)),
+    Patch("moe_split_sizes_as_numpy", "the alltoall dispatcher's split sizes become numpy on CPU too", ">=0.16.1",
+          "transformer/moe/token_dispatcher.py _maybe_dtoh_and_synchronize (879-887 / 930-938), "
+          "then token_dispatch's all_to_all (666 / 698)",
+          *_attribute_patch("moe_split_sizes_as_numpy", _moe_split_sizes_targets)),
+    Patch("gloo_uneven_first_dim", "uneven first-dim all-gather / reduce-scatter padded to equal sizes",
+          ">=0.16.1",
+          "tensor_parallel/mappings.py _gather_along_first_dim (150 / 154) and "
+          "_reduce_scatter_along_first_dim (193 / 197), from the alltoall dispatcher with ETP > 1 "
+          "(token_dispatcher.py 696, 779 / 739, 822)",
+          *_attribute_patch("gloo_uneven_first_dim", _uneven_first_dim_targets)),
     Patch("cuda_rng", "torch.cuda.get_rng_state / manual_seed -> the CPU default generator", ">=0.16.1",
           "tensor_parallel/random.py CudaRNGStatesTracker.add (235, 237, 238 / 303, 305, 306), "
           "_get_cuda_rng_state (55 / 118; every fork), model_parallel_cuda_manual_seed (422 / 490)",
@@ -340,6 +463,10 @@ PATCHES: List[Patch] = [
 ]
 
 _BY_NAME = {patch.name: patch for patch in PATCHES}
+
+#: patches whose failure needs several ranks to show (expert-parallel layouts): they are shown by
+#: tests/test_moe_fixes.py's multi-process launch, the others by tests/test_cpu_compat.py
+MULTI_RANK_PATCHES = ("moe_split_sizes_as_numpy", "gloo_uneven_first_dim")
 
 
 def patches_off_from_env() -> List[str]:

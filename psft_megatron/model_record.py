@@ -33,8 +33,11 @@ from psft_megatron.errors import CheckpointError, ConfigError
 MODEL_YAML = "model.yaml"
 #: the converted HF side files (config, generation config, tokenizer) inside a checkpoint
 HF_CONFIG_DIR = "hf_config"
-#: ModelConfig fields a run may set differently from its checkpoint
-NOT_ARCHITECTURE = ("params_dtype", "init_method_std")
+#: ModelConfig fields a run may set differently from its checkpoint: how weights are stored and
+#: initialised, and how an MoE model is trained (load-balancing losses, token dispatch, the
+#: router's precision), none of which changes what the trained weights compute
+NOT_ARCHITECTURE = ("params_dtype", "init_method_std", "moe_aux_loss_type", "moe_aux_loss_coeff", "moe_z_loss_coeff",
+                    "moe_token_dispatcher_type", "moe_router_dtype")
 
 
 @dataclass

@@ -8,7 +8,8 @@ Typical use (inside a ``torchrun`` launch, or a plain ``python`` run as a world 
 :func:`initialize` picks NCCL when CUDA is present and gloo otherwise (override with
 ``backend=`` or the ``PSFT_DIST_BACKEND`` environment variable), binds the local GPU, installs
 the CPU compatibility layer on CPU runs only (:mod:`psft_megatron.cpu_compat`), applies the
-distributed-optimizer checkpoint fixes (:mod:`psft_megatron.distopt_fixes`, all runs), builds
+distributed-optimizer checkpoint fixes (:mod:`psft_megatron.distopt_fixes`, all runs) and the MoE
+fixes (:mod:`psft_megatron.moe_fixes`, all runs), builds
 megatron's TP/PP/VPP/CP/DP groups and seeds the model-parallel RNG streams.
 :func:`reinitialize_model_parallel` swaps the layout inside one process (the parity tests run
 many layouts per launch this way).
@@ -25,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from psft_megatron import distopt_fixes
+from psft_megatron import distopt_fixes, moe_fixes
 
 
 @dataclass(frozen=True)
@@ -217,6 +218,7 @@ def initialize(
 
         cpu_compat.install()
     distopt_fixes.install()
+    moe_fixes.install()
     reinitialize_model_parallel(parallel, seed)
     world = torch.distributed.get_world_size()
     return RuntimeInfo(

@@ -87,7 +87,8 @@ def probe_synchronize():
 
 
 def probe_current_stream():
-    """0.19's DDP bucket groups ask for the current stream at every gradient sync."""
+    """0.19's DDP bucket groups ask for the current stream at every gradient sync; the MoE
+    alltoall dispatcher of every release before its device-to-host copies."""
     from tests.parallel.parity_worker import Layout, build_layout
 
     if "ddp" not in _built:
@@ -95,6 +96,24 @@ def probe_current_stream():
     (chunk,) = _built["ddp"].chunks
     chunk.start_grad_sync()
     chunk.finish_grad_sync()
+    probe_moe_layer()
+
+
+def probe_moe_layer():
+    """A forward of a one-layer MoE model (alltoall dispatcher, EP=1): the dispatcher makes a
+    side stream at construction and copies its split sizes to the host on it every forward."""
+    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
+    from psft_megatron.model import ModelConfig
+    from psft_megatron.model.builder import build_gpt_chunks
+
+    MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = None  # made again by the next dispatcher
+    cfg = ModelConfig(num_layers=1, hidden_size=32, num_attention_heads=2, ffn_hidden_size=64, vocab_size=64,
+                      make_vocab_size_divisible_by=32, num_experts=4, moe_ffn_hidden_size=16)
+    (model,) = build_gpt_chunks(cfg, cfg.to_transformer_config(ParallelConfig()), "cpu")
+    with torch.no_grad():
+        out = model(torch.zeros(1, 8, dtype=torch.long), torch.arange(8).view(1, 8), None)
+    return None if out.shape == (1, 8, 64) else f"logits shape {tuple(out.shape)}"
 
 
 _built: dict = {}
@@ -139,6 +158,7 @@ CPU_PROBES = {
     "current_device": probe_current_device,
     "synchronize": probe_synchronize,
     "current_stream": probe_current_stream,
+    "cuda_streams": probe_moe_layer,
     "cuda_rng": probe_cuda_rng,
     "megatron_set_rng_state": probe_megatron_set_rng_state,
 }
@@ -147,6 +167,8 @@ CPU_PROBES = {
 def cpu_patches() -> dict:
     results = {}
     for patch in cpu_compat.PATCHES:
+        if patch.name in cpu_compat.MULTI_RANK_PATCHES:  # shown by tests/parallel/moe_worker.py
+            continue
         probe = CPU_PROBES[patch.name]
         entry = {"needed": patch.needed(), "applied": patch.name in cpu_compat.applied(), "range": patch.megatron}
         with cpu_compat.disabled(patch.name):
