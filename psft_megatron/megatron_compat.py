@@ -18,7 +18,9 @@ Sections:
 - checkpoints: :func:`write_legacy_common_state` (0.19 stopped writing ``common.pt``, which
   0.16-0.18 need to load a checkpoint);
 - GPTModel output processor: :func:`has_output_processor`,
-  :func:`forward_with_output_processor` (a hook ``GPTModel.forward`` has from 0.18 on).
+  :func:`forward_with_output_processor` (a hook ``GPTModel.forward`` has from 0.18 on);
+- MoE router losses recorded for logging: :func:`moe_router_losses`,
+  :func:`clear_moe_router_losses` (0.19 moved them into ``moe_logging``'s tracker).
 """
 
 from __future__ import annotations
@@ -202,3 +204,43 @@ def forward_with_output_processor(model, input_ids: torch.Tensor, position_ids: 
         context=output_processor_context, compute_language_model_loss=gpt.compute_language_model_loss,
         scale_logits=None, config=gpt.config,
     )
+
+
+# ============================================================================================
+# MoE router losses recorded for logging
+# ============================================================================================
+# MoE routers record their aux loss (and z-loss) per layer, summed over micro-batches, for
+# logging (the value before its coefficient):
+# (picked by feature detection: whether moe_logging imports)
+#   0.16:      moe_utils.get_moe_layer_wise_logging_tracker(): {name: {"values": [num_layers],
+#              "reduce_group": group or None, ...}}; cleared by clear_aux_losses_tracker();
+#   0.19:      moe_logging.get_moe_metrics_tracker().metrics: {name: MetricEntry(values,
+#              reduce_group, ...)}; cleared by its clear().
+# A metric recorded with a reduce group holds this rank's part of a sum over that group (the
+# aux losses over TP x CP); one without it holds a value of this rank alone (the z-loss).
+
+def moe_router_losses() -> Dict[str, Any]:
+    """``{name: (values [num_layers] on this rank, summed_over_reduce_group)}`` recorded since
+    the last :func:`clear_moe_router_losses` (names: ``load_balancing_loss``,
+    ``seq_load_balancing_loss``, ``global_load_balancing_loss``, ``z_loss``)."""
+    try:
+        from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+    except ImportError:  # 0.16
+        from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+        return {name: (entry["values"], entry.get("reduce_group") is not None)
+                for name, entry in get_moe_layer_wise_logging_tracker().items() if "values" in entry}
+    return {name: (entry.values, entry.reduce_group is not None)
+            for name, entry in get_moe_metrics_tracker().metrics.items()}
+
+
+def clear_moe_router_losses() -> None:
+    """Zero what :func:`moe_router_losses` reports (once per optimizer step)."""
+    try:
+        from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+    except ImportError:  # 0.16
+        from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+
+        clear_aux_losses_tracker()
+        return
+    get_moe_metrics_tracker().clear()

@@ -75,6 +75,13 @@ RESTORED_MODELS = {
     "/ckpt/qwen3-4b-base": dict(num_layers=36, hidden_size=2560, ffn_hidden_size=9728, num_attention_heads=32,
                                 num_query_groups=8, head_dim=128, vocab_size=151936, max_position_embeddings=32768,
                                 rotary_base=1e6, norm_epsilon=1e-6, qk_layernorm=True, tie_word_embeddings=True),
+    "/ckpt/qwen3-30b-a3b": dict(num_layers=48, hidden_size=2048, ffn_hidden_size=6144, num_attention_heads=32,
+                                num_query_groups=4, head_dim=128, vocab_size=151936, max_position_embeddings=40960,
+                                rotary_base=1e6, norm_epsilon=1e-6, qk_layernorm=True, num_experts=128,
+                                moe_router_topk=8, moe_ffn_hidden_size=768, moe_norm_topk_prob=True,
+                                moe_shared_expert_intermediate_size=None, moe_shared_expert_gate=False,
+                                moe_aux_loss_type="aux_loss", moe_aux_loss_coeff=0.001, moe_z_loss_coeff=None,
+                                moe_token_dispatcher_type="alltoall", moe_router_dtype="fp32", moe_dense_layers=[]),
 }
 
 

@@ -15,7 +15,8 @@ from typing import Dict, Optional
 #: order and format of the progress line
 _PROGRESS = (("loss", "{:+.4f}"), ("nll", "{:.4f}"), ("entropy", "{:.4f}"), ("clip_frac", "{:.3f}"),
              ("lr", "{:.2e}"), ("grad_norm", "{:.3f}"), ("tokens_per_s", "{:.0f}"), ("step_time_s", "{:.2f}"),
-             ("forward_only_s", "{:.2f}"), ("peak_mem_gib", "{:.2f}"), ("mfu", "{:.3f}"))
+             ("forward_only_s", "{:.2f}"), ("peak_mem_gib", "{:.2f}"), ("mfu", "{:.3f}"),
+             ("moe_aux_loss", "{:.4f}"), ("moe_z_loss", "{:.4f}"), ("moe_load_max_mean", "{:.2f}"))
 
 
 class MetricsLogger:

@@ -236,7 +236,9 @@ class Trainer:
                                   lr_decay_style=SCHEDULES[optim.sched.name], min_lr=optim.sched.min_lr)
         if self.is_rank0:
             c = self.model_cfg
-            print(f"building the model: {c.num_layers} layers, hidden {c.hidden_size}, vocab {c.vocab_size} "
+            experts = (f", {c.num_experts} experts top-{c.moe_router_topk} in "
+                       f"{sum(c.moe_layer_pattern())} MoE layers" if c.is_moe else "")
+            print(f"building the model: {c.num_layers} layers, hidden {c.hidden_size}, vocab {c.vocab_size}{experts} "
                   f"({c.params_dtype}) at {self.parallel.describe()} on {self.info.world_size} process(es)"
                   + (f"; then restoring its weights from {m.restore_from_path}" if m.restore_from_path else ""),
                   flush=True)
@@ -266,6 +268,11 @@ class Trainer:
         needs_frozen = psft.loss == "sft_kl" or (psft.loss == "psft" and psft.freeze_old_policy)
         self.frozen = self._build_frozen_copy() if needs_frozen else None
         self.dp_cp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+        self.moe_metrics = None  # aux loss and expert load per step (MoE models)
+        if self.model_cfg.is_moe:
+            from psft_megatron.training.moe_metrics import MoEMetrics
+
+            self.moe_metrics = MoEMetrics(self.tm.chunks, self.tm.config)
         self.num_parameters = self._count_parameters()
         self.sampler_state = self.sampler.state_dict()
         self.checkpoints = CheckpointManager(os.path.join(self.log_dir, "checkpoints"),
@@ -438,6 +445,8 @@ class Trainer:
                 last.update(lr=self.tm.optimizer.param_groups[0]["lr"], phase=0.0 if self.window_mode == "sft" else 1.0,
                             epoch=_epochs(sampler_state))
                 last.update(self._throughput(elapsed, forward_only_s, last.get("num_positions", 0.0)))
+                if self.moe_metrics is not None:
+                    last.update(self.moe_metrics.step_metrics(len(micros)))
                 if result.grad_norm is not None:
                     last["grad_norm"] = result.grad_norm
                 fault = self._count_skip(result, last)

@@ -1,0 +1,72 @@
+"""MoE on gloo: each MoE fix (psft_megatron.moe_fixes) and each multi-rank CPU patch
+(psft_megatron.cpu_compat.MULTI_RANK_PATCHES) shows its bug with the fix off exactly on the
+megatron-core releases it is declared for, and never with it on; the allgather dispatcher runs
+at TP=2+SP, EP=2; the layer specs write the same checkpoint keys for MoE layers.
+
+One 4-process launch (tests/parallel/moe_worker.py) runs every probe; see its docstring.
+"""
+
+import pytest
+import torch
+
+from psft_megatron import cpu_compat, moe_fixes
+from tests.parallel.moe_worker import launch_once
+
+NAMES = [fix.name for fix in moe_fixes.FIXES] + list(cpu_compat.MULTI_RANK_PATCHES)
+CPU_ONLY = pytest.mark.skipif(torch.cuda.is_available(), reason="gloo probes of the CPU layer")
+
+
+@CPU_ONLY
+@pytest.mark.parametrize("name", NAMES)
+def test_fix_is_needed_exactly_where_declared(name):
+    result = launch_once()
+    entry = result["fixes"][name]
+    version = result["megatron_core"]
+    print(f"megatron-core {version}, {name} (declared for {entry['range']}): "
+          f"off -> {entry['off']['detail']}; on -> {entry['on']['detail']}")
+    assert not entry["on"]["bug"], f"{name} on, megatron-core {version}: {entry['on']['detail']}"
+    assert entry["applied"] == entry["needed"], entry
+    if entry["needed"]:
+        assert entry["off"]["bug"], (f"megatron-core {version} does not show the bug {name} is for "
+                                     f"(declared {entry['range']}): drop it for this release")
+    if not entry["needed"]:
+        assert not entry["off"]["bug"], (f"megatron-core {version} has the bug {name} fixes, but the fix "
+                                         f"is declared only for {entry['range']}: {entry['off']['detail']}")
+
+
+@CPU_ONLY
+def test_allgather_dispatcher_matches_reference():
+    entry = launch_once()["allgather_ep2_tp2"]
+    assert not entry["bug"], entry["detail"]
+
+
+@CPU_ONLY
+def test_layer_specs_write_the_same_moe_keys():
+    keys = launch_once()["spec_keys"]
+    first, *others = keys
+    for spec in others:
+        assert keys[spec] == keys[first], (spec, sorted(set(keys[spec]) ^ set(keys[first])))
+    cpu = set(keys["cpu"])
+    for key in ("decoder.layers.0.pre_mlp_layernorm.weight", "decoder.layers.0.mlp.router.weight",
+                "decoder.layers.0.mlp.experts.experts.linear_fc1.weight",
+                "decoder.layers.0.mlp.experts.experts.linear_fc2.weight",
+                "decoder.layers.0.mlp.shared_experts.linear_fc1.weight",
+                "decoder.layers.0.mlp.shared_experts.linear_fc2.weight",
+                "decoder.layers.0.mlp.shared_experts.gate_weight",
+                "decoder.layers.1.mlp.linear_fc1.layer_norm_weight"):  # layer 1 is dense
+        assert key in cpu, key
+    assert "decoder.layers.0.mlp.linear_fc1.layer_norm_weight" not in cpu
+
+
+@CPU_ONLY
+def test_trainer_logs_moe_metrics():
+    """configs/tiny_moe_cpu.yaml trained 3 steps at EP=2: aux loss and expert load each step,
+    every token of the step routed to top-2 of 8 experts in each of the 2 MoE layers."""
+    result = launch_once()["trainer"]
+    assert len(result["history"]) == 3
+    for step in result["history"]:
+        assert 0.5 < step["moe_aux_loss"] < 8.0, step  # E * sum(f_i P_i): 1 when balanced, <= E
+        assert step["moe_load_max_mean"] >= 1.0
+        assert {"moe_load_max_mean/layer_0", "moe_load_max_mean/layer_1"} <= set(step)
+        assert abs(step["moe_tokens_per_expert"] - step["num_positions"] * 2 / 8) < 1e-6, step
+    assert {"moe_aux_loss", "moe_load_max_mean", "moe_load_max_mean/layer_1"} <= set(result["jsonl_keys"])
