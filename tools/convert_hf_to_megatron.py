@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Convert a Hugging Face Llama-3.x / Qwen2 / Qwen2.5 / Qwen3 model into a megatron checkpoint.
+"""Convert a Hugging Face Llama-3.x / Qwen2 / Qwen2.5 / Qwen3 / Qwen3-MoE / Qwen2-MoE model into a megatron checkpoint.
 
     python tools/convert_hf_to_megatron.py --hf-dir D --out O [--dtype bf16|fp32] [--verify]
 

@@ -39,7 +39,8 @@ def main(argv=None) -> int:
     parser.add_argument("--config", default=None, help="YAML whose model: keys override the checkpoint's model.yaml (needed only for checkpoints without one)")
     parser.add_argument("--tokenizer", default=None, help="directory to copy tokenizer files from")
     parser.add_argument("--architecture", default=None,
-                        help="LlamaForCausalLM | Qwen2ForCausalLM | Qwen3ForCausalLM when there is no template")
+                        help="LlamaForCausalLM | Qwen2ForCausalLM | Qwen3ForCausalLM | Qwen3MoeForCausalLM | "
+                             "Qwen2MoeForCausalLM when there is no template")
     parser.add_argument("--dtype", choices=["bf16", "fp32", "fp16"], default=None,
                         help="output dtype (default: as stored in the checkpoint)")
     parser.add_argument("--max-shard-size", type=parse_size, default=parse_size("2GB"))

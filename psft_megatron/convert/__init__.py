@@ -1,4 +1,4 @@
-"""Hugging Face <-> Megatron checkpoint converters (Llama-3.x, Qwen2/2.5, Qwen3).
+"""Hugging Face <-> Megatron checkpoint converters (Llama-3.x, Qwen2/2.5, Qwen3, Qwen3-MoE, Qwen2-MoE).
 
 - :func:`convert_hf_to_megatron`: HF directory -> megatron torch_dist checkpoint + model YAML.
 - :func:`convert_megatron_to_hf`: checkpoint saved at any layout -> HF directory.

@@ -2,8 +2,12 @@
 
 Supported: ``LlamaForCausalLM`` (Llama-3.x, incl. ``llama3`` RoPE scaling with megatron-core's
 fixed low/high frequency factors 1/4 and original length 8192), ``Qwen2ForCausalLM``
-(Qwen2/2.5: QKV bias, tied or untied embeddings) and ``Qwen3ForCausalLM`` (QK RMSNorm,
-head_dim != hidden / heads). Anything else raises :class:`ConversionError` naming the
+(Qwen2/2.5: QKV bias, tied or untied embeddings), ``Qwen3ForCausalLM`` (QK RMSNorm,
+head_dim != hidden / heads), and the Mixture-of-Experts ``Qwen3MoeForCausalLM`` (Qwen3
+attention, top-k softmax router, ``norm_topk_prob``) and ``Qwen2MoeForCausalLM`` (Qwen2
+attention, a shared expert scaled by sigmoid(x @ shared_expert_gate)). HF's
+``decoder_sparse_step`` and ``mlp_only_layers`` become ``moe_dense_layers``: layer i is an MoE
+layer iff i is not in ``mlp_only_layers`` and (i + 1) % ``decoder_sparse_step`` == 0. Anything else raises :class:`ConversionError` naming the
 architecture or feature and what is supported. Both the transformers 4 (``rope_theta`` /
 ``rope_scaling``) and 5 (``rope_parameters``) spellings of RoPE are read.
 """
@@ -22,7 +26,14 @@ SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
 }
+MOE_ARCHITECTURES = ("Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM")
+#: ModelConfig fields that say how a model is stored or trained, not what it computes: an HF
+#: template and a checkpoint may differ in them
+_NOT_COMPARED = ("params_dtype", "init_method_std", "make_vocab_size_divisible_by", "moe_aux_loss_type",
+                 "moe_aux_loss_coeff", "moe_z_loss_coeff", "moe_token_dispatcher_type", "moe_router_dtype")
 _BY_MODEL_TYPE = {v: k for k, v in SUPPORTED_ARCHITECTURES.items()}
 _DTYPE_NAMES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32",
                 "fp16": "float16", "float16": "float16"}
@@ -97,7 +108,7 @@ def model_config_from_hf(
         raise ConversionError(f"{arch} with hidden_act={act!r} is not supported (only silu / SwiGLU)")
     if hf.get("mlp_bias"):
         raise ConversionError(f"{arch} with mlp_bias=true is not supported (megatron: add_bias_linear=False)")
-    if arch in ("LlamaForCausalLM", "Qwen3ForCausalLM") and hf.get("attention_bias"):
+    if arch in ("LlamaForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM") and hf.get("attention_bias"):
         raise ConversionError(
             f"{arch} with attention_bias=true is not supported (it also adds an o_proj bias; "
             "only Qwen2-style q/k/v biases are)"
@@ -110,7 +121,8 @@ def model_config_from_hf(
     heads = int(hf["num_attention_heads"])
     hidden = int(hf["hidden_size"])
     head_dim = hf.get("head_dim")
-    cfg = ModelConfig(
+    moe = moe_fields_from_hf(hf, arch) if arch in MOE_ARCHITECTURES else {}
+    values = dict(
         num_layers=int(hf["num_hidden_layers"]),
         hidden_size=hidden,
         num_attention_heads=heads,
@@ -122,24 +134,101 @@ def model_config_from_hf(
         rotary_base=theta,
         rope_scaling=scaling,
         norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
-        add_qkv_bias=arch == "Qwen2ForCausalLM",
-        qk_layernorm=arch == "Qwen3ForCausalLM",
+        add_qkv_bias=arch == "Qwen2ForCausalLM" or (arch == "Qwen2MoeForCausalLM" and bool(hf.get("qkv_bias", True))),
+        qk_layernorm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         make_vocab_size_divisible_by=make_vocab_size_divisible_by,
         params_dtype=_DTYPE_NAMES[dtype],
+        **moe,
     )
+    try:
+        cfg = ModelConfig(**values)
+    except ValueError as exc:
+        raise ConversionError(f"{arch}: config.json describes a model megatron cannot build: {exc}") from None
     if cfg.head_dim is not None and cfg.head_dim * heads == hidden:
         cfg.head_dim = None  # the default; keeps the YAML minimal
     return cfg, arch
 
 
+def _int(hf: Dict[str, Any], key: str, arch: str, low: int, default: Any = None) -> int:
+    value = hf.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConversionError(f"{arch}: config.json {key}={value!r} must be an integer >= {low}")
+    return value
+
+
+def moe_fields_from_hf(hf: Dict[str, Any], arch: str) -> Dict[str, Any]:
+    """The ModelConfig MoE fields of a Qwen3-MoE / Qwen2-MoE config.json.
+
+    ``num_experts`` (or transformers 5's ``num_local_experts``), ``num_experts_per_tok``,
+    ``moe_intermediate_size``, ``norm_topk_prob`` (HF's default false), ``decoder_sparse_step``
+    and ``mlp_only_layers`` (-> ``moe_dense_layers``), ``router_aux_loss_coef`` (the training
+    weight, -> ``moe_aux_loss_coeff``); Qwen2-MoE: ``shared_expert_intermediate_size`` and its
+    sigmoid gate.
+    """
+    key = "num_experts" if "num_experts" in hf else "num_local_experts"
+    experts = _int(hf, key, arch, 1)
+    layers = int(hf["num_hidden_layers"])
+    step = _int(hf, "decoder_sparse_step", arch, 1, 1)
+    only = hf.get("mlp_only_layers") or []
+    if not isinstance(only, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in only):
+        raise ConversionError(f"{arch}: config.json mlp_only_layers={only!r} must be a list of layer indices")
+    dense = sorted(set(i for i in only if 0 <= i < layers) | {i for i in range(layers) if (i + 1) % step})
+    out = dict(
+        num_experts=experts,
+        moe_router_topk=_int(hf, "num_experts_per_tok", arch, 1),
+        moe_ffn_hidden_size=_int(hf, "moe_intermediate_size", arch, 1),
+        moe_norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+        moe_dense_layers=dense,
+        moe_aux_loss_coeff=float(hf.get("router_aux_loss_coef", 0.001)),
+    )
+    if arch == "Qwen2MoeForCausalLM":
+        out.update(moe_shared_expert_intermediate_size=_int(hf, "shared_expert_intermediate_size", arch, 1),
+                   moe_shared_expert_gate=True)
+    return out
+
+
 def architecture_for(cfg: ModelConfig) -> str:
     """Best guess of the HF architecture of a ModelConfig (used without a template)."""
+    if cfg.is_moe:
+        return "Qwen2MoeForCausalLM" if cfg.moe_shared_expert_intermediate_size else "Qwen3MoeForCausalLM"
     if cfg.qk_layernorm:
         return "Qwen3ForCausalLM"
     if cfg.add_qkv_bias:
         return "Qwen2ForCausalLM"
     return "LlamaForCausalLM"
+
+
+def _comparable(cfg: ModelConfig, name: str):
+    value = getattr(cfg, name)
+    if name == "moe_dense_layers":
+        return sorted(value or []) if cfg.is_moe else []
+    if name.startswith("moe_") and not cfg.is_moe:
+        return None  # the MoE fields mean nothing for a dense model
+    return value
+
+
+def _check_moe_architecture(cfg: ModelConfig, arch: str) -> None:
+    """A ModelConfig's MoE fields against what ``arch`` can express."""
+    if arch not in MOE_ARCHITECTURES:
+        if cfg.is_moe:
+            raise ConversionError(f"{arch} is a dense architecture, but the model has num_experts={cfg.num_experts}; "
+                                  f"MoE architectures: {', '.join(MOE_ARCHITECTURES)}")
+        return
+    if not cfg.is_moe:
+        raise ConversionError(f"{arch} needs an MoE model (num_experts set)")
+    if arch == "Qwen3MoeForCausalLM":
+        if cfg.add_qkv_bias or not cfg.qk_layernorm:
+            raise ConversionError("Qwen3MoeForCausalLM needs qk_layernorm=True and add_qkv_bias=False")
+        if cfg.moe_shared_expert_intermediate_size:
+            raise ConversionError("Qwen3MoeForCausalLM has no shared expert, but the model has "
+                                  f"moe_shared_expert_intermediate_size={cfg.moe_shared_expert_intermediate_size}")
+    if arch == "Qwen2MoeForCausalLM":
+        if cfg.qk_layernorm:
+            raise ConversionError("Qwen2MoeForCausalLM needs qk_layernorm=False")
+        if not (cfg.moe_shared_expert_intermediate_size and cfg.moe_shared_expert_gate):
+            raise ConversionError("Qwen2MoeForCausalLM needs a gated shared expert (moe_shared_expert_intermediate_size "
+                                  "and moe_shared_expert_gate=True)")
 
 
 def hf_config_from_model(
@@ -156,8 +245,7 @@ def hf_config_from_model(
         expect, _ = model_config_from_hf(hf, dtype=cfg.params_dtype,
                                          make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by)
         diffs = [f.name for f in dataclasses.fields(ModelConfig)
-                 if f.name not in ("params_dtype", "init_method_std", "make_vocab_size_divisible_by")
-                 and getattr(expect, f.name) != getattr(cfg, f.name)
+                 if f.name not in _NOT_COMPARED and _comparable(expect, f.name) != _comparable(cfg, f.name)
                  and not (f.name == "head_dim" and expect.kv_channels == cfg.kv_channels)]
         if diffs:
             raise ConversionError(
@@ -174,6 +262,7 @@ def hf_config_from_model(
             raise ConversionError("Qwen3ForCausalLM needs qk_layernorm=True and add_qkv_bias=False")
         if arch == "LlamaForCausalLM" and (cfg.add_qkv_bias or cfg.qk_layernorm):
             raise ConversionError("LlamaForCausalLM supports neither add_qkv_bias nor qk_layernorm")
+        _check_moe_architecture(cfg, arch)
         rope = {"rope_type": "default", "rope_theta": float(cfg.rotary_base)}
         if cfg.rope_scaling:
             rope = dict(cfg.rope_scaling, rope_theta=float(cfg.rotary_base))
@@ -197,6 +286,23 @@ def hf_config_from_model(
         }
         if arch == "LlamaForCausalLM":
             hf.update(attention_bias=False, mlp_bias=False)
+        if arch in MOE_ARCHITECTURES:
+            hf.update(
+                num_experts=cfg.num_experts,
+                num_experts_per_tok=cfg.moe_router_topk,
+                moe_intermediate_size=cfg.moe_ffn_hidden_size,
+                norm_topk_prob=cfg.moe_norm_topk_prob,
+                decoder_sparse_step=1,
+                mlp_only_layers=sorted(cfg.moe_dense_layers or []),
+                router_aux_loss_coef=cfg.moe_aux_loss_coeff,
+                output_router_logits=False,
+                use_sliding_window=False,
+            )
+            if arch == "Qwen2MoeForCausalLM":
+                hf.update(shared_expert_intermediate_size=cfg.moe_shared_expert_intermediate_size,
+                          qkv_bias=cfg.add_qkv_bias)
+            else:
+                hf.update(attention_bias=False)
     hf["architectures"] = [arch]
     hf["dtype"] = cfg.params_dtype
     hf.pop("torch_dtype", None)

@@ -43,6 +43,13 @@ def check_tensors(reader: hf_io.SafetensorsReader, cfg: ModelConfig) -> bool:
     """
     expected = mapping.hf_shapes(cfg)
     present = set(reader.names())
+    fused = sorted(n for n in present if n.endswith((".mlp.experts.gate_up_proj", ".mlp.experts.down_proj")))
+    if fused:
+        raise ConversionError(
+            f"tensor {fused[0]!r} in {os.path.join(reader.dir, reader.file_of(fused[0]))} holds all experts of a "
+            "layer in one 3-D tensor; the converter reads the per-expert layout (mlp.experts.<e>.gate_proj/up_proj/"
+            "down_proj.weight) that Hugging Face checkpoints and transformers' save_pretrained use"
+        )
     for name in expected:
         if name not in present:
             raise ConversionError(

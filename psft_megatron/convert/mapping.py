@@ -13,6 +13,21 @@ Layouts:
   HF keeps q [nh hd, H], k [ng hd, H], v [ng hd, H] apart. Bias: same without H.
 - ``linear_fc1.weight`` [2F, H] = cat(gate [F, H], up [F, H]).
 - embeddings / output layer: [P, H] in Megatron (zero rows past V), [V, H] in HF.
+
+MoE layers (Qwen3-MoE, Qwen2-MoE; E experts of width Fe, shared expert of width S) replace the
+dense MLP of every layer not in ``cfg.moe_dense_layers``:
+
+- router ``mlp.router.weight`` [E, H] = HF ``mlp.gate.weight``;
+- expert e: ``mlp.experts.local_experts.{e}.linear_fc1.weight`` [2Fe, H] = cat(HF
+  ``mlp.experts.{e}.gate_proj``, ``up_proj``), ``linear_fc2.weight`` [H, Fe] = ``down_proj``
+  (megatron's SequentialMLP names at EP=1; its checkpoint keys, shared with TEGroupedMLP, stack
+  the experts on a leading axis: :mod:`psft_megatron.convert.megatron_io`);
+- shared expert (Qwen2-MoE): ``mlp.shared_experts.linear_fc1.weight`` [2S, H] = cat(HF
+  ``mlp.shared_expert.gate_proj``, ``up_proj``), ``linear_fc2.weight`` = ``down_proj``,
+  ``mlp.shared_experts.gate_weight`` [1, H] = ``mlp.shared_expert_gate.weight``.
+
+HF files store the experts one by one (``mlp.experts.{e}.*``: the layout transformers'
+``save_pretrained`` writes, whatever layout its modules use in memory).
 """
 
 from __future__ import annotations
@@ -140,8 +155,31 @@ def global_rules(cfg: ModelConfig) -> List[Rule]:
     return rules
 
 
-def layer_rules(cfg: ModelConfig) -> List[Rule]:
-    """Rules for decoder layer ``{i}`` (format the names with ``i=``)."""
+def is_moe_layer(cfg: ModelConfig, i: int) -> bool:
+    """Whether decoder layer ``i`` (global index) is an MoE layer."""
+    return cfg.is_moe and i not in set(cfg.moe_dense_layers or [])
+
+
+def _dense_mlp_rules(m: str, h: str) -> List[Rule]:
+    return [Rule(m + "linear_fc1.weight", [h + "gate_proj.weight", h + "up_proj.weight"], _fc1, _fc1_back),
+            Rule(m + "linear_fc2.weight", [h + "down_proj.weight"], _same, _same_back)]
+
+
+def _moe_mlp_rules(cfg: ModelConfig, m: str, h: str) -> List[Rule]:
+    """Router, experts one by one, and the shared expert (with its gate) when there is one."""
+    rules = [Rule(m + "router.weight", [h + "gate.weight"], _same, _same_back)]
+    for e in range(cfg.num_experts):
+        rules += _dense_mlp_rules(f"{m}experts.local_experts.{e}.", f"{h}experts.{e}.")
+    if cfg.moe_shared_expert_intermediate_size:
+        rules += _dense_mlp_rules(m + "shared_experts.", h + "shared_expert.")
+        if cfg.moe_shared_expert_gate:
+            rules.append(Rule(m + "shared_experts.gate_weight", [h + "shared_expert_gate.weight"], _same, _same_back))
+    return rules
+
+
+def layer_rules(cfg: ModelConfig, layer: Optional[int] = None) -> List[Rule]:
+    """Rules for decoder layer ``{i}`` (format the names with ``i=``); ``layer``: the global
+    index, which decides between the dense and the MoE MLP (None: the dense layout)."""
     m, h = "decoder.layers.{i}.", "model.layers.{i}."
     attn = h + "self_attn."
     rules = [
@@ -160,9 +198,11 @@ def layer_rules(cfg: ModelConfig) -> List[Rule]:
     rules += [
         Rule(m + "self_attention.linear_proj.weight", [attn + "o_proj.weight"], _same, _same_back),
         Rule(m + "pre_mlp_layernorm.weight", [h + "post_attention_layernorm.weight"], _same, _same_back),
-        Rule(m + "mlp.linear_fc1.weight", [h + "mlp.gate_proj.weight", h + "mlp.up_proj.weight"], _fc1, _fc1_back),
-        Rule(m + "mlp.linear_fc2.weight", [h + "mlp.down_proj.weight"], _same, _same_back),
     ]
+    if layer is not None and is_moe_layer(cfg, layer):
+        rules += _moe_mlp_rules(cfg, m + "mlp.", h + "mlp.")
+    else:
+        rules += _dense_mlp_rules(m + "mlp.", h + "mlp.")
     return rules
 
 
@@ -172,15 +212,16 @@ def _fmt(rule: Rule, i: int) -> Rule:
 
 def all_rules(cfg: ModelConfig) -> List[Rule]:
     """Every rule, with layer names filled in: embedding, final norm, (output), then layer by layer."""
-    rules = global_rules(cfg)
-    for i in range(cfg.num_layers):
-        rules += [_fmt(rule, i) for rule in layer_rules(cfg)]
-    return rules
+    return [rule for group in rules_by_layer(cfg) for rule in group]
 
 
 def rules_by_layer(cfg: ModelConfig) -> List[List[Rule]]:
     """[globals, layer 0, layer 1, ...]: the unit of streaming."""
-    return [global_rules(cfg)] + [[_fmt(r, i) for r in layer_rules(cfg)] for i in range(cfg.num_layers)]
+    return [global_rules(cfg)] + [[_fmt(r, i) for r in layer_rules(cfg, i)] for i in range(cfg.num_layers)]
+
+
+def _mlp_shapes(prefix: str, H: int, F: int) -> Dict[str, tuple]:
+    return {prefix + "gate_proj.weight": (F, H), prefix + "up_proj.weight": (F, H), prefix + "down_proj.weight": (H, F)}
 
 
 def hf_shapes(cfg: ModelConfig) -> Dict[str, tuple]:
@@ -196,8 +237,17 @@ def hf_shapes(cfg: ModelConfig) -> Dict[str, tuple]:
             p + "input_layernorm.weight": (H,), p + "post_attention_layernorm.weight": (H,),
             a + "q_proj.weight": (nh * hd, H), a + "k_proj.weight": (ng * hd, H), a + "v_proj.weight": (ng * hd, H),
             a + "o_proj.weight": (H, nh * hd),
-            p + "mlp.gate_proj.weight": (F, H), p + "mlp.up_proj.weight": (F, H), p + "mlp.down_proj.weight": (H, F),
         })
+        if is_moe_layer(cfg, i):
+            shapes[p + "mlp.gate.weight"] = (cfg.num_experts, H)
+            for e in range(cfg.num_experts):
+                shapes.update(_mlp_shapes(f"{p}mlp.experts.{e}.", H, cfg.moe_ffn_hidden_size))
+            if cfg.moe_shared_expert_intermediate_size:
+                shapes.update(_mlp_shapes(p + "mlp.shared_expert.", H, cfg.moe_shared_expert_intermediate_size))
+                if cfg.moe_shared_expert_gate:
+                    shapes[p + "mlp.shared_expert_gate.weight"] = (1, H)
+        else:
+            shapes.update(_mlp_shapes(p + "mlp.", H, F))
         if cfg.add_qkv_bias:
             shapes.update({a + "q_proj.bias": (nh * hd,), a + "k_proj.bias": (ng * hd,), a + "v_proj.bias": (ng * hd,)})
         if cfg.qk_layernorm:

@@ -64,12 +64,13 @@ def tokens_for(vocab: int) -> torch.Tensor:
     return sample_tokens(vocab, BATCH, SEQ, seed=7)
 
 
-def make_hf_model(family: str, out: str) -> None:
-    """Tiny random HF model of ``family`` saved in ``out`` (fp32), every parameter randomised."""
+def make_hf_model(family: str, out: str, families: dict = None) -> None:
+    """Tiny random HF model of ``family`` (of ``families``, default :data:`FAMILIES`) saved in
+    ``out`` (fp32), every parameter randomised."""
     import transformers
     from safetensors.torch import load_file, save_file
 
-    cls_name, kwargs, opts = FAMILIES[family]
+    cls_name, kwargs, opts = (families or FAMILIES)[family]
     config = getattr(transformers, cls_name)(**kwargs)
     torch.manual_seed(sum(map(ord, family)))
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
