@@ -224,6 +224,24 @@ class _CpuStream:
 _CPU_STREAM = _CpuStream()
 
 
+class _CpuStreamClass(_CpuStream):
+    """``torch.cuda.Stream`` on CPU. A class, not a function: other libraries annotate with it
+    (transformers writes ``torch.cuda.Stream | None`` at import time), and ``function | None``
+    raises TypeError. Constructing it gives the one inert CPU stream."""
+
+    def __new__(cls, *args, **kwargs):
+        _hit("cuda_streams")
+        return _CPU_STREAM
+
+
+class _CpuEventClass(_CpuEvent):
+    """``torch.cuda.Event`` on CPU, a class for the same reason as :class:`_CpuStreamClass`."""
+
+    def __init__(self, *args, **kwargs):
+        _hit("cuda_streams")
+        super().__init__(*args, **kwargs)
+
+
 def _traced(patch: str, fn: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         _hit(patch)
@@ -286,9 +304,9 @@ def _current_stream_targets():
 
 
 def _cuda_streams_targets():
-    return {"torch.cuda:Stream": _traced("cuda_streams", lambda *args, **kwargs: _CPU_STREAM),
+    return {"torch.cuda:Stream": _CpuStreamClass,
             "torch.cuda:stream": _traced("cuda_streams", lambda stream=None: contextlib.nullcontext()),
-            "torch.cuda:Event": _traced("cuda_streams", _CpuEvent)}
+            "torch.cuda:Event": _CpuEventClass}
 
 
 def _numpy_split_sizes(original):

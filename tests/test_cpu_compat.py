@@ -33,6 +33,9 @@ CHECKS = textwrap.dedent(
     torch.cuda.synchronize()
     torch.cuda.current_stream().wait_event(None)
     torch.cuda.Stream().record_event().synchronize()
+    torch.cuda.Event().synchronize()
+    # classes, not functions: transformers annotates `torch.cuda.Stream | None` at import time
+    assert isinstance(torch.cuda.Stream | None, object) and isinstance(torch.cuda.Event | None, object)
     # megatron's RNG tracker runs on the CPU generator: forks are reproducible and
     # do not disturb the default stream.
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
