@@ -10,6 +10,9 @@ Same inputs for every variant (``hidden [tokens, h]``, this rank's output weight
   and entropy, as in training);
 * ``fused``      - ``psft_megatron.ops.fused_linear_logprobs`` (log-probs and entropy, no
   logits tensor);
+* ``fused+mg``   - the fused op under megatron's DDP: the weight carries an fp32 ``main_grad``
+  (allocated with the inputs, as DDP's gradient buffer is), and the weight gradient is added
+  into it chunk by chunk (no ``[V/tp, h]`` accumulator, see docs/logprobs.md);
 * ``unfused/2``, ``fused/2`` - the same with half the rows masked (prompt tokens): the unfused
   path drops the masked rows before the output layer, the fused op never projects them;
 * ``gemm``       - the output layer's forward alone (one ``[tokens, h] x [h, V/tp]`` GEMM): the
@@ -78,7 +81,7 @@ def _reexec_with_env() -> None:
         return
     os.execve(sys.executable, [sys.executable] + sys.argv, dict(os.environ, **_ENV))
 
-VARIANTS = ("gemm", "megatron", "unfused", "fused", "unfused/2", "fused/2")
+VARIANTS = ("gemm", "megatron", "unfused", "fused", "fused+mg", "unfused/2", "fused/2")
 PHASES = ("fwd", "fwd+bwd", "fwd-only")
 
 
@@ -179,7 +182,7 @@ def make_fn(variant: str, tp_group):
     if variant == "unfused":
         return lambda h, w, y, mask: vocab_parallel_logprobs(output_layer(h, w, tp_group), y, tp_group=tp_group,
                                                              return_entropy=True)[0]
-    if variant == "fused":
+    if variant in ("fused", "fused+mg"):
         return lambda h, w, y, mask: fused_linear_logprobs(h, w, y, tp_group=tp_group, return_entropy=True)[0]
     if variant == "unfused/2":
 
@@ -220,6 +223,9 @@ def run_case(variant, tokens, vt, hidden, tp, rank, dtype, device, repeats, tp_g
     h, w, y, gout, mask = make_inputs(tokens, vt, hidden, tp, rank, dtype, device)
     h.requires_grad_(True)
     w.requires_grad_(True)
+    if variant == "fused+mg":  # DDP's fp32 gradient buffer: part of the inputs, not the loss path
+        w.main_grad = torch.zeros(w.shape, dtype=torch.float32, device=device)
+        w.grad_added_to_main_grad = False
     probe = MemProbe(device)
     res = {}
     for phase in phases:
@@ -232,6 +238,8 @@ def run_case(variant, tokens, vt, hidden, tp, rank, dtype, device, repeats, tp_g
         for _ in range(repeats):
             if tp > 1:
                 dist.barrier(group=tp_group)
+            if variant == "fused+mg":
+                w.grad_added_to_main_grad = False
             _sync(device)
             t0, c0 = time.perf_counter(), time.process_time()
             if phase == "fwd-only":
@@ -248,6 +256,10 @@ def run_case(variant, tokens, vt, hidden, tp, rank, dtype, device, repeats, tp_g
             h.grad = w.grad = None
         res[phase] = {"time_s": min(times), "cpu_s": min(cpu_times), "peak_extra_mib": probe.peak_extra()}
     res["grad_mib"] = (h.numel() + w.numel()) * h.element_size() / 2**20
+    if variant == "fused+mg" and device.type == "cpu":
+        # the weight's gradient is an untouched placeholder (megatron's contract): never
+        # resident on CPU, so only the hidden gradient is part of the peak
+        res["grad_mib"] = h.numel() * h.element_size() / 2**20
     res["load_average"] = os.getloadavg()[0]  # 1-minute load of the machine at the end of the case
     res["cpu_peak_reset"] = probe.cpu_reset_ok
     del h, w, y, gout, mask

@@ -108,6 +108,40 @@ def test_backward_orders_and_partial_grads(n, v, which):
     assert (hx.grad is None) == (which == "weight") and (wx.grad is None) == (which == "hidden")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tied", [False, True])
+def test_weight_gradient_into_ddp_main_grad(dtype, tied):
+    """Under megatron's DDP (fp32 ``main_grad`` + ``grad_added_to_main_grad``) the weight
+    gradient is added into main_grad, on top of earlier micro-batches, and backward hands
+    autograd a placeholder (zeros when ``zero_out_wgrad``: a tied embedding on one stage)."""
+    n, v = 60, 40  # more rows than vocabulary: the plain path would take the other order
+    h, w, y, g_lp, g_ent = make(n, 16, v, dtype, seed=4)
+    mask = (torch.arange(n) % 3 != 0).float()
+    hx, wx = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    earlier = torch.randn(v, 16, generator=torch.Generator().manual_seed(9))
+    wx.main_grad = earlier.clone()
+    wx.grad_added_to_main_grad = False
+    if tied:
+        wx.zero_out_wgrad = True
+    lp, ent = fused_linear_logprobs(hx, wx, y, mask=mask, return_entropy=True, chunk_size=7, vocab_block_size=11)
+    ((lp * g_lp).sum() + (ent * g_ent).sum()).backward()
+    _, _, r_dh, r_dw = reference(h, w, y, mask, g_lp, g_ent)
+    tol = FP32_TOL if dtype == torch.float32 else 1e-2
+    assert wx.grad_added_to_main_grad is True
+    assert rel(wx.main_grad - earlier, r_dw) <= (FP32_TOL if dtype == torch.float32 else 2e-3)
+    assert rel(hx.grad, r_dh) <= tol
+    assert wx.grad.shape == w.shape and wx.grad.dtype == dtype
+    if tied:
+        assert wx.grad.abs().max() == 0
+    # a bf16 main_grad (grad_reduce_in_fp32 off) is not used: the gradient comes back as usual
+    wb = w.clone().requires_grad_(True)
+    wb.main_grad = torch.zeros(v, 16, dtype=torch.bfloat16)
+    wb.grad_added_to_main_grad = False
+    (fused_linear_logprobs(h, wb, y, chunk_size=7) * g_lp).sum().backward()
+    assert wb.grad_added_to_main_grad is False and wb.main_grad.abs().max() == 0
+    assert rel(wb.grad, reference(h, w, y, None, g_lp, None)[3]) <= tol
+
+
 def test_entropy_only_gradient_and_no_grad_pass():
     h, w, y, _, g_ent = make(30, 16, 100, torch.float32, seed=5)
     hx, wx = h.clone().requires_grad_(True), w.clone().requires_grad_(True)

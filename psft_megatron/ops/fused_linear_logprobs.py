@@ -25,7 +25,11 @@ Design:
 
 Transient memory is a few ``[rows, block]`` tiles, plus in the backward ONE fp32 accumulator
 of the smaller of ``[selected rows, h]`` and ``[V/tp, h]`` (the other gradient is completed
-block by block), plus the two gradients themselves in the input dtype.
+block by block), plus the two gradients themselves in the input dtype. Under megatron's DDP
+the weight has an fp32 ``main_grad`` (its slice of the gradient buffer): the weight gradient
+is then added into it directly, as megatron's gradient-accumulation fusion does, and the row
+chunks go outside, so neither full accumulator exists (only a ``[rows, h]`` fp32 tile of
+``dh``); see :func:`_main_grad_of`.
 
 On CPU, half-precision tiles are multiplied in fp32 (the products are then rounded to the
 input dtype exactly like a bf16 GEMM with fp32 accumulation): CPUs without bf16 matrix units
@@ -142,6 +146,33 @@ class _Tiles:
             out.addmm_(a, b)
         else:  # accelerator, half operands: dz rounded to the input dtype, fp32 products
             out.add_(_mm_fp32(a.to(b.dtype), b))
+
+
+def _main_grad_of(weight: torch.Tensor) -> Optional[torch.Tensor]:
+    """The fp32 ``main_grad`` buffer megatron's DDP gives ``weight``, or None.
+
+    megatron's ``DistributedDataParallel`` gives every parameter ``main_grad`` (a view into its
+    gradient buffer, where the gradients of all micro-batches are summed) and
+    ``grad_added_to_main_grad``; its backward hook adds ``param.grad`` into ``main_grad``
+    unless a layer already did (``grad_added_to_main_grad``), the contract of megatron's
+    gradient-accumulation fusion. Used only when the buffer is fp32 (a bf16 buffer would
+    round every chunk's partial sum).
+    """
+    mg = getattr(weight, "main_grad", None)
+    if (not isinstance(mg, torch.Tensor) or not hasattr(weight, "grad_added_to_main_grad")
+            or mg.dtype != torch.float32 or tuple(mg.shape) != tuple(weight.shape)):
+        return None
+    return mg
+
+
+def _dummy_weight_grad(weight: torch.Tensor, main_grad: torch.Tensor) -> torch.Tensor:
+    """What backward returns for ``weight`` once its gradient is in ``main_grad`` (megatron's
+    contract): an unused tensor, so that DDP's hook still runs on the backward thread - zeros
+    when ``zero_out_wgrad`` (a tied embedding on one stage: the embedding's own gradient is
+    summed with it and added by the hook) - and ``grad_added_to_main_grad`` set."""
+    weight.grad_added_to_main_grad = True
+    make = torch.zeros if getattr(weight, "zero_out_wgrad", False) else torch.empty
+    return make(main_grad.shape, dtype=weight.dtype, device=weight.device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -281,9 +312,11 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         f32 = dict(dtype=torch.float32, device=weight.device)
         dh_all = torch.zeros_like(h_all) if need_dh else None
         dw = None
+        main_grad = _main_grad_of(weight) if need_dw else None
         # ONE full fp32 accumulator: of dh (vocabulary blocks outside, each block's dW complete
-        # after its inner loop) or of dW (row chunks outside, each chunk's dh complete).
-        rows_outside = need_dh and (not need_dw or n_sel > vt)
+        # after its inner loop) or of dW (row chunks outside, each chunk's dh complete); none
+        # when dW goes straight into DDP's fp32 main_grad (row chunks outside).
+        rows_outside = main_grad is not None or (need_dh and (not need_dw or n_sel > vt))
 
         def dz_tile(h, w, a, b, v0, v1):
             z, d, e = tiles.logits(h, w)
@@ -308,23 +341,32 @@ class _FusedLinearLogprobs(torch.autograd.Function):
                 dh_all.index_copy_(0, sel[a:b], val)
 
         if rows_outside:
-            # fp32 weights: the gradient itself is the accumulator
-            dw_acc = (torch.zeros((vt, hdim), **f32) if weight.dtype != torch.float32 else torch.zeros_like(weight)
-                      ) if need_dw else None
-            dh_acc = torch.empty((rows, hdim), **f32)
+            # the weight gradient's accumulator: DDP's main_grad, or for fp32 weights the
+            # gradient itself, else a full fp32 buffer
+            if not need_dw:
+                dw_acc = None
+            elif main_grad is not None:
+                dw_acc = main_grad
+            else:
+                dw_acc = torch.zeros((vt, hdim), **f32) if weight.dtype != torch.float32 else torch.zeros_like(weight)
+            dh_acc = torch.empty((rows, hdim), **f32) if need_dh else None
             for a in range(0, n_sel, rows):
                 b = min(n_sel, a + rows)
                 h = tiles.rows(h_all, sel, a, b)
-                acc = dh_acc[: b - a].zero_()
+                acc = dh_acc[: b - a].zero_() if need_dh else None
                 for v0 in range(0, vt, block):
                     v1 = min(vt, v0 + block)
                     w = tiles.block(weight, v0, v1)
                     d = dz_tile(h, w, a, b, v0, v1)
-                    tiles.acc(acc, d, w)
+                    if need_dh:
+                        tiles.acc(acc, d, w)
                     if need_dw:
                         tiles.acc(dw_acc[v0:v1], d.t(), h)
-                store_dh(a, b, acc)
-            if need_dw:
+                if need_dh:
+                    store_dh(a, b, acc)
+            if main_grad is not None:
+                dw = _dummy_weight_grad(weight, main_grad)
+            elif need_dw:
                 dw = dw_acc.to(weight.dtype)
                 del dw_acc
         else:
