@@ -16,6 +16,8 @@ must make their layouts fail - proof that the harness can fail.
 One torchrun launch per world size (2 and 4 processes) runs all its layouts.
 """
 
+import subprocess
+
 import pytest
 import torch
 
@@ -28,9 +30,17 @@ _cache = {}
 
 
 def suite_result(suite: str) -> dict:
+    """The launch's result, once per session; a failed launch is reported by every test of the
+    suite without launching again. The time limit is generous for a loaded machine: the two
+    launches take about 2 minutes together on 2 idle cores."""
     if suite not in _cache:
-        _cache[suite] = torchrun("tests/parallel/moe_parity_worker.py", {"two": 2, "four": 4}[suite],
-                                 ["--suite", suite])
+        try:
+            _cache[suite] = torchrun("tests/parallel/moe_parity_worker.py", {"two": 2, "four": 4}[suite],
+                                     ["--suite", suite], timeout=1800)
+        except (AssertionError, subprocess.TimeoutExpired) as exc:
+            _cache[suite] = f"the {suite!r} launch failed: {exc}"
+    if isinstance(_cache[suite], str):
+        raise AssertionError(_cache[suite])
     return _cache[suite]
 
 
