@@ -12,6 +12,7 @@ optimizer and a distributed optimizer checkpoint are not interchangeable.
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Dict, List, Optional
 
 from psft_megatron.distopt_fixes import DISTOPT_SAVE_METADATA
@@ -177,6 +178,13 @@ def _model_items(state: dict):
 
 #: stored keys that are not model weights: optimizer state, per-rank state
 _NOT_MODEL_PREFIXES = ("optimizer.", PER_RANK_KEY)
+#: megatron's ChainedOptimizer (an MoE model's dense + expert optimizers) stores each
+#: sub-optimizer's state under "chained_<i>.optimizer..."
+_CHAINED_PREFIX = re.compile(r"^chained_\d+\.")
+
+
+def _is_model_key(key: str) -> bool:
+    return not _CHAINED_PREFIX.sub("", key).startswith(_NOT_MODEL_PREFIXES)
 
 
 def _global_shape(item):
@@ -221,7 +229,7 @@ def check_model_keys(ckpt_dir: str, requests: List[dict], stored: dict) -> None:
 
     missing = sorted(k for k in wanted if k not in stored and not extra_state(k))
     unexpected = sorted(k for k, item in stored.items() if isinstance(item, ShardedTensor) and k not in wanted
-                        and not extra_state(k) and not k.startswith(_NOT_MODEL_PREFIXES))
+                        and not extra_state(k) and _is_model_key(k))
 
     def few(keys):
         return ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")

@@ -121,3 +121,14 @@ def test_parallel_config_expert_grid():
     with pytest.raises(ValueError, match="ETP\\*EP\\*PP"):
         ParallelConfig(expert_model_parallel_size=4).validate(2)
     assert "EP=2" in ParallelConfig(expert_model_parallel_size=2).describe()
+
+
+def test_chained_optimizer_keys_are_not_model_weights():
+    # the strict key check of a restore: an MoE model's ChainedOptimizer stores its dense and
+    # expert optimizers' state under "chained_<i>.optimizer..."; those are not weights
+    from psft_megatron.checkpointing import _is_model_key
+
+    assert not _is_model_key("optimizer.state.exp_avg.decoder.layers.0.mlp.linear_fc1.weight")
+    assert not _is_model_key("chained_1.optimizer.distributed.dp_group_idx_0.gbuf_idx_0.dtype_(torch.float32).bucket_idx_0.exp_avg")
+    assert _is_model_key("decoder.layers.0.mlp.experts.local_experts.0.linear_fc1.weight")
+    assert _is_model_key("chained_layer.weight")  # only the optimizer's prefix is recognised
