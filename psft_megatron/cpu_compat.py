@@ -92,17 +92,16 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from torch.overrides import TorchFunctionMode
 
+from psft_megatron.version_gated import PATCHES_OFF_ENV, GatedChange, Registry  # noqa: F401 (PATCHES_OFF_ENV re-exported)
+
 _CPU = torch.device("cpu")
 _lock = threading.Lock()
 _installed_mode: "_CudaToCpuMode | None" = None
-_applied: List[str] = []  # names of the patches in effect, in PATCHES order
 _mode_features: Dict[str, bool] = {"device_argument": False, "pin_memory": False, "tensor_cuda": False,
                                    "tensor_type_name": False}
 _originals: Dict[str, Dict[str, Any]] = {}  # patch name -> {"module.attr": original}
 _trace: Optional[Dict[str, collections.Counter]] = None
 
-#: environment variable naming patches to leave out (comma-separated; tests only)
-PATCHES_OFF_ENV = "PSFT_PATCHES_OFF"
 #: environment variable: a directory to write the per-patch call sites to at exit
 TRACE_ENV = "PSFT_CPU_COMPAT_TRACE"
 
@@ -390,28 +389,17 @@ def _megatron_rng_targets():
 
 # ---------------------------------------------------------------------------- the list
 @dataclass(frozen=True)
-class Patch:
-    """One adaptation of megatron-core's CUDA usage to CPU.
+class Patch(GatedChange):
+    """One adaptation of megatron-core's CUDA usage to CPU (``name``, ``summary`` and
+    ``megatron``, the releases that need it, as in :class:`GatedChange`).
 
     Attributes:
-        name: what ``PSFT_PATCHES_OFF`` and :func:`disabled` take.
-        summary: what it does.
-        megatron: the megatron-core releases that need it (PEP 440 range).
         sites: megatron-core call sites that need it (0.16.1 / 0.19.2 line numbers).
     """
 
-    name: str
-    summary: str
-    megatron: str
     sites: str
     apply: Callable[[], None]
     revert: Callable[[], None]
-
-    def needed(self) -> bool:
-        """Whether the installed megatron-core release needs this patch."""
-        from psft_megatron.megatron_compat import version_in
-
-        return version_in(self.megatron)
 
 
 # Sites: megatron-core call sites that need the patch, as traced (PSFT_CPU_COMPAT_TRACE) over
@@ -480,17 +468,11 @@ PATCHES: List[Patch] = [
           *_attribute_patch("megatron_set_rng_state", _megatron_rng_targets)),
 ]
 
-_BY_NAME = {patch.name: patch for patch in PATCHES}
+_REGISTRY = Registry("cpu_compat patches", PATCHES)
 
 #: patches whose failure needs several ranks to show (expert-parallel layouts): they are shown by
 #: tests/test_moe_fixes.py's multi-process launch, the others by tests/test_cpu_compat.py
 MULTI_RANK_PATCHES = ("moe_split_sizes_as_numpy", "gloo_uneven_first_dim")
-
-
-def patches_off_from_env() -> List[str]:
-    """The patch names in ``$PSFT_PATCHES_OFF`` that belong to this module."""
-    names = [n.strip() for n in os.environ.get(PATCHES_OFF_ENV, "").split(",") if n.strip()]
-    return [n for n in names if n in _BY_NAME]
 
 
 def is_installed() -> bool:
@@ -500,7 +482,7 @@ def is_installed() -> bool:
 
 def applied() -> List[str]:
     """The names of the patches in effect (installed, needed by this megatron-core, not off)."""
-    return list(_applied)
+    return list(_REGISTRY.applied)
 
 
 def install() -> None:
@@ -523,31 +505,16 @@ def install() -> None:
         if trace_dir:
             _trace = collections.defaultdict(collections.Counter)
             atexit.register(_write_trace, trace_dir)
-        off = set(patches_off_from_env())
-        for patch in PATCHES:
-            if patch.needed() and patch.name not in off:
-                patch.apply()
-                _applied.append(patch.name)
+        _REGISTRY.install()
         mode = _CudaToCpuMode()
         mode.__enter__()
         _installed_mode = mode
 
 
-@contextlib.contextmanager
 def disabled(*names: str):
-    """Revert the named patches inside the block (tests: show what a patch is for).
+    """Revert the named patches inside a ``with`` block (tests: show what a patch is for).
 
     Names not in effect are ignored, so a patch this release does not need can be "disabled"
-    to show megatron-core working without it.
+    to show megatron-core working without it; unknown names raise ``KeyError``.
     """
-    unknown = [n for n in names if n not in _BY_NAME]
-    if unknown:
-        raise KeyError(f"unknown cpu_compat patches {unknown}; known: {sorted(_BY_NAME)}")
-    reverted = [n for n in names if n in _applied]
-    for name in reverted:
-        _BY_NAME[name].revert()
-    try:
-        yield
-    finally:
-        for name in reverted:
-            _BY_NAME[name].apply()
+    return _REGISTRY.disabled(*names)

@@ -36,21 +36,18 @@ reverts fixes inside a ``with`` block.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import os
 from dataclasses import dataclass
 from typing import Callable, Dict, List
+
+from psft_megatron.version_gated import PATCHES_OFF_ENV, GatedChange, Registry
 
 #: metadata for ``DistributedOptimizer.sharded_state_dict`` so that the optimizer state can
 #: be loaded at another DP (and TP/PP) layout.
 DISTOPT_SAVE_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
-#: environment variable naming patches/fixes to leave out (comma-separated; tests only)
-PATCHES_OFF_ENV = "PSFT_PATCHES_OFF"
+__all__ = ["DISTOPT_SAVE_METADATA", "FIXES", "PATCHES_OFF_ENV", "Fix", "applied", "disabled", "install"]
 
-_installed = False
-_applied: List[str] = []
 _originals: Dict[str, Callable] = {}  # fix name -> the original DistributedOptimizer method
 
 
@@ -117,29 +114,18 @@ def _fixed_load_state_dict(original):
 
 
 @dataclass(frozen=True)
-class Fix:
-    """One megatron-core DistributedOptimizer bug and its fix.
+class Fix(GatedChange):
+    """One megatron-core DistributedOptimizer bug and its fix (``name``, ``summary`` and
+    ``megatron``, the releases that have the bug, as in :class:`GatedChange`; where upstream
+    fixes it, the range ends at that release and the module docstring names it).
 
     Attributes:
-        name: what ``PSFT_PATCHES_OFF`` and :func:`disabled` take.
-        summary: the bug.
-        megatron: the megatron-core releases that have it (PEP 440 range); where upstream fixes
-            it, the range ends at that release and the docstring names it.
         method: the ``DistributedOptimizer`` method the fix wraps.
         wrap: ``original method -> fixed method``.
     """
 
-    name: str
-    summary: str
-    megatron: str
     method: str
     wrap: Callable[[Callable], Callable]
-
-    def needed(self) -> bool:
-        """Whether the installed megatron-core release has this bug."""
-        from psft_megatron.megatron_compat import version_in
-
-        return version_in(self.megatron)
 
     def apply(self) -> None:
         cls = _distopt_class()
@@ -160,46 +146,21 @@ FIXES: List[Fix] = [
         ">=0.16.1", "load_state_dict", _fixed_load_state_dict),
 ]
 
-_BY_NAME = {fix.name: fix for fix in FIXES}
-
-
-def fixes_off_from_env() -> List[str]:
-    """The fix names in ``$PSFT_PATCHES_OFF`` that belong to this module."""
-    names = [n.strip() for n in os.environ.get(PATCHES_OFF_ENV, "").split(",") if n.strip()]
-    return [n for n in names if n in _BY_NAME]
+_REGISTRY = Registry("distopt fixes", FIXES)
 
 
 def applied() -> List[str]:
     """The names of the fixes in effect."""
-    return list(_applied)
+    return list(_REGISTRY.applied)
 
 
 def install() -> None:
     """Apply the fixes this megatron-core release needs (idempotent), except those named in
     ``$PSFT_PATCHES_OFF``. See the module docstring."""
-    global _installed
-    if _installed:
-        return
-    off = set(fixes_off_from_env())
-    for fix in FIXES:
-        if fix.needed() and fix.name not in off:
-            fix.apply()
-            _applied.append(fix.name)
-    _installed = True
+    _REGISTRY.install()
 
 
-@contextlib.contextmanager
 def disabled(*names: str):
-    """Revert the named fixes inside the block (tests: show the bug a fix is for). Names not in
-    effect (not needed by this release) are ignored."""
-    unknown = [n for n in names if n not in _BY_NAME]
-    if unknown:
-        raise KeyError(f"unknown distopt fixes {unknown}; known: {sorted(_BY_NAME)}")
-    reverted = [n for n in names if n in _applied]
-    for name in reverted:
-        _BY_NAME[name].revert()
-    try:
-        yield
-    finally:
-        for name in reverted:
-            _BY_NAME[name].apply()
+    """Revert the named fixes inside a ``with`` block (tests: show the bug a fix is for). Names
+    not in effect (not needed by this release) are ignored; unknown names raise ``KeyError``."""
+    return _REGISTRY.disabled(*names)

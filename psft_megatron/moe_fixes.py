@@ -39,15 +39,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List
 
-#: environment variable naming patches/fixes to leave out (comma-separated; tests only)
-PATCHES_OFF_ENV = "PSFT_PATCHES_OFF"
+from psft_megatron.version_gated import PATCHES_OFF_ENV, GatedChange, Registry
 
-_installed = False
-_applied: List[str] = []
+__all__ = ["FIXES", "PATCHES_OFF_ENV", "Fix", "applied", "disabled", "install", "mark_expert_parameters"]
+
 _originals: Dict[str, Any] = {}  # fix name -> the original attribute
 
 
@@ -171,26 +169,12 @@ def _revert_mark_experts() -> None:
 
 # ------------------------------------------------------------------ the list
 @dataclass(frozen=True)
-class Fix:
-    """One megatron-core MoE bug and its fix.
+class Fix(GatedChange):
+    """One megatron-core MoE bug and its fix (``name``, ``summary`` and ``megatron``, the
+    releases that have the bug, as in :class:`GatedChange`)."""
 
-    Attributes:
-        name: what ``PSFT_PATCHES_OFF`` and :func:`disabled` take.
-        summary: the bug.
-        megatron: the megatron-core releases that have it (PEP 440 range).
-    """
-
-    name: str
-    summary: str
-    megatron: str
     apply: Callable[[], None]
     revert: Callable[[], None]
-
-    def needed(self) -> bool:
-        """Whether the installed megatron-core release has this bug."""
-        from psft_megatron.megatron_compat import version_in
-
-        return version_in(self.megatron)
 
 
 FIXES: List[Fix] = [
@@ -203,46 +187,21 @@ FIXES: List[Fix] = [
         _revert_mark_experts),
 ]
 
-_BY_NAME = {fix.name: fix for fix in FIXES}
-
-
-def fixes_off_from_env() -> List[str]:
-    """The fix names in ``$PSFT_PATCHES_OFF`` that belong to this module."""
-    names = [n.strip() for n in os.environ.get(PATCHES_OFF_ENV, "").split(",") if n.strip()]
-    return [n for n in names if n in _BY_NAME]
+_REGISTRY = Registry("moe fixes", FIXES)
 
 
 def applied() -> List[str]:
     """The names of the fixes in effect."""
-    return list(_applied)
+    return list(_REGISTRY.applied)
 
 
 def install() -> None:
     """Apply the fixes this megatron-core release needs (idempotent), except those named in
     ``$PSFT_PATCHES_OFF``."""
-    global _installed
-    if _installed:
-        return
-    off = set(fixes_off_from_env())
-    for fix in FIXES:
-        if fix.needed() and fix.name not in off:
-            fix.apply()
-            _applied.append(fix.name)
-    _installed = True
+    _REGISTRY.install()
 
 
-@contextlib.contextmanager
 def disabled(*names: str):
-    """Revert the named fixes inside the block (tests: show the bug a fix is for). Names not in
-    effect are ignored."""
-    unknown = [n for n in names if n not in _BY_NAME]
-    if unknown:
-        raise KeyError(f"unknown moe fixes {unknown}; known: {sorted(_BY_NAME)}")
-    reverted = [n for n in names if n in _applied]
-    for name in reverted:
-        _BY_NAME[name].revert()
-    try:
-        yield
-    finally:
-        for name in reverted:
-            _BY_NAME[name].apply()
+    """Revert the named fixes inside a ``with`` block (tests: show the bug a fix is for). Names
+    not in effect are ignored; unknown names raise ``KeyError``."""
+    return _REGISTRY.disabled(*names)

@@ -50,7 +50,6 @@ import gc
 import json
 import math
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -67,6 +66,7 @@ from psft_megatron.model import ModelConfig  # noqa: E402
 from psft_megatron.model.builder import build_gpt_chunks  # noqa: E402
 from psft_megatron.runtime import ParallelConfig, initialize, reinitialize_model_parallel  # noqa: E402
 from tests.parallel.parity_worker import TOLERANCE, compare, step_metrics  # noqa: E402,F401
+from tests.parallel.results import error_entry, load_diffs, write_results  # noqa: E402
 
 STEPS = 3  # training steps before the eval pass (and the checkpoint)
 PSFT_STEPS = 5  # PSFT layouts: one step past the re-sync of pi_old
@@ -545,12 +545,6 @@ def compare_histories(got: Dict[str, List[float]], want: Dict[str, List[float]],
     return max(diffs) if diffs and all(map(math.isfinite, diffs)) else float("inf")
 
 
-def _error_entry(exc: Exception) -> dict:
-    import traceback
-
-    return {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
-
-
 def run_layout(layout: Layout, weights_dir: str, batches, histories) -> dict:
     start = time.time()
     try:
@@ -560,7 +554,7 @@ def run_layout(layout: Layout, weights_dir: str, batches, histories) -> dict:
         entry = {"metrics": got, "reference": want, "max_abs_diff": compare_histories(got, want)}
         del tm
     except Exception as exc:  # reported per layout; the test names the failure
-        entry = _error_entry(exc)
+        entry = error_entry(exc)
     entry.update(layout=layout.parallel.describe(), dispatcher=layout.dispatcher, distopt=layout.distopt,
                  loss=layout.loss["kind"], plant=layout.plant, seconds=round(time.time() - start, 2))
     gc.collect()
@@ -611,7 +605,7 @@ def run_checkpoint(saver: Layout, loaders: List[Layout], workdir: str, weights_d
                 del tm
                 gc.collect()
     except Exception as exc:
-        entry.update(_error_entry(exc))
+        entry.update(error_entry(exc))
     entry["reference_continued"] = {k: v[STEPS : STEPS + CONTINUE] for k, v in want.items()
                                     if not k.startswith("eval_")}
     return entry
@@ -662,16 +656,11 @@ def main() -> None:
         entry["seconds"] = round(time.time() - start, 2)
         results["checkpoints"][name] = entry
         if rank == 0:
-            summary = {k: v["max_abs_diff"] for k, v in entry.items() if isinstance(v, dict) and "max_abs_diff" in v}
-            print(f"[moe-ckpt] {name}: {json.dumps(dict(summary, error=entry.get('error'), seconds=entry['seconds']))}",
-                  flush=True)
+            summary = dict(load_diffs(entry), error=entry.get("error"), seconds=entry["seconds"])
+            print(f"[moe-ckpt] {name}: {json.dumps(summary)}", flush=True)
 
     results["seconds"] = round(time.time() - started, 2)
-    if rank == 0:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
-        shutil.rmtree(workdir, ignore_errors=True)
-    torch.distributed.barrier()
+    write_results(results, args.out, workdir, rank)
 
 
 if __name__ == "__main__":

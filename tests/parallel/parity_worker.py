@@ -18,7 +18,6 @@ import argparse
 import json
 import math
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -33,6 +32,7 @@ from psft_megatron.checkpointing import load_checkpoint, save_checkpoint  # noqa
 from psft_megatron.model import ModelConfig  # noqa: E402
 from psft_megatron.model.builder import build_gpt_chunks  # noqa: E402
 from psft_megatron.runtime import ParallelConfig, initialize, reinitialize_model_parallel  # noqa: E402
+from tests.parallel.results import error_entry, load_diffs, write_results  # noqa: E402
 
 STEPS = 3
 MICRO_BATCHES = 2
@@ -434,9 +434,7 @@ def main() -> None:
                 got[key].append(value)
             entry = {"metrics": got, "reference": want, "max_abs_diff": compare(got, want)}
         except Exception as exc:  # reported per layout; the test names the failure
-            import traceback
-
-            entry = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+            entry = error_entry(exc)
         entry.update(layout=layout.parallel.describe(), distopt=layout.distopt, plant=layout.plant,
                      seconds=round(time.time() - start, 2))
         results["layouts"][layout.name] = entry
@@ -465,20 +463,12 @@ def main() -> None:
                     entry[key] = {"metrics": got, "max_abs_diff": compare(got, continued),
                                   "iteration": common.get("iteration"), "layout": loader.parallel.describe()}
         except Exception as exc:
-            import traceback
-
-            entry["error"] = f"{type(exc).__name__}: {exc}"
-            entry["traceback"] = traceback.format_exc()
+            entry.update(error_entry(exc))
         results["checkpoints"][name] = entry
         if rank == 0:
-            summary = {k: v["max_abs_diff"] for k, v in entry.items() if isinstance(v, dict) and "max_abs_diff" in v}
-            print(f"[ckpt] {name}: {json.dumps(dict(summary, error=entry.get('error')))}", flush=True)
+            print(f"[ckpt] {name}: {json.dumps(dict(load_diffs(entry), error=entry.get('error')))}", flush=True)
 
-    if rank == 0:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
-        shutil.rmtree(workdir, ignore_errors=True)
-    torch.distributed.barrier()
+    write_results(results, args.out, workdir, rank)
 
 
 if __name__ == "__main__":
