@@ -22,7 +22,7 @@ VENV ?= .venv
 VENV_FLAGS ?=
 TORCH_VERSION ?= $(shell sed -n 's/^torch==//p' .ci/fast-lane.txt)
 PY := $(VENV)/bin/python
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= --durations=25
 
 # The current lane's interpreter: PYTHON_CURRENT, else a working python3.12, else pyenv's 3.12.
 PYTHON_CURRENT ?= $(shell for p in python3.12 $$(ls -d $(HOME)/.pyenv/versions/3.12*/bin/python 2>/dev/null | sort -V -r); do \

@@ -15,7 +15,7 @@ import sys
 import pytest
 
 from tests.parallel.convert_worker import FAMILIES, LAYOUTS, TOLERANCE
-from tests.parallel.launch import REPO, torchrun
+from tests.parallel.launch import REPO, hang_guard, torchrun, worker_env
 
 _cache = {}
 
@@ -28,10 +28,10 @@ def workdir(tmp_path_factory):
 def prepared(workdir) -> dict:
     if "prepare" not in _cache:
         out = os.path.join(workdir, "prepare.json")
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONPATH=REPO)
+        env = worker_env()
         proc = subprocess.run([sys.executable, os.path.join(REPO, "tests/parallel/convert_worker.py"), "prepare",
                                "--workdir", workdir, "--out", out], cwd=REPO, env=env, capture_output=True,
-                              text=True, timeout=600)
+                              text=True, timeout=hang_guard(600))
         if proc.returncode != 0 or not os.path.exists(out):
             raise AssertionError(f"prepare failed (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-6000:]}")
         with open(out) as f:

@@ -23,7 +23,7 @@ from psft_megatron.convert import ConversionError, convert_hf_to_megatron, mappi
 from psft_megatron.convert.hf_config import hf_config_from_model, model_config_from_hf
 from tests.parallel.convert_moe_worker import LAYOUTS, MOE_FAMILIES, SAVE_LAYOUT
 from tests.parallel.convert_worker import TOLERANCE
-from tests.parallel.launch import REPO, torchrun
+from tests.parallel.launch import REPO, hang_guard, torchrun, worker_env
 
 QWEN3_MOE = {
     "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": 32, "intermediate_size": 48,
@@ -199,10 +199,10 @@ def workdir(tmp_path_factory):
 def prepared(workdir) -> dict:
     if "prepare" not in _cache:
         out = os.path.join(workdir, "prepare.json")
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONPATH=REPO)
+        env = worker_env()
         proc = subprocess.run([sys.executable, os.path.join(REPO, "tests/parallel/convert_moe_worker.py"), "prepare",
                                "--workdir", workdir, "--out", out], cwd=REPO, env=env, capture_output=True,
-                              text=True, timeout=600)
+                              text=True, timeout=hang_guard(600))
         if proc.returncode != 0 or not os.path.exists(out):
             raise AssertionError(f"prepare failed (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-6000:]}")
         with open(out) as f:

@@ -6,6 +6,7 @@ import socket
 import torch.multiprocessing as mp
 
 from tests.data_fixtures.helpers import HF_TOKENIZER, TINY_SFT
+from tests.parallel.rank_slots import rank_slots
 
 
 def _free_port():
@@ -36,7 +37,8 @@ def _worker(rank, world, port, cache, out):
 
 def test_rank0_tokenizes_once_others_hit_the_cache(tmp_path):
     out = str(tmp_path)
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path / "cache"), out), nprocs=2, join=True)
+    with rank_slots(2):
+        mp.spawn(_worker, args=(2, _free_port(), str(tmp_path / "cache"), out), nprocs=2, join=True)
     r0 = open(os.path.join(out, "rank0")).read().split()
     r1 = open(os.path.join(out, "rank1")).read().split()
     assert r0[:1] == ["1"] and r1[:2] == ["0", "True"] and r0[2] == r1[2]

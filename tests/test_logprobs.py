@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from psft_megatron.ops import default_chunk_size, vocab_parallel_kl, vocab_parallel_logprobs
+from tests.parallel.rank_slots import rank_slots
 
 
 # --------------------------------------------------------------------------------------------
@@ -342,7 +343,8 @@ def _tp_worker(rank: int, world: int, port: int, outdir: str) -> None:
 @pytest.mark.parametrize("world", [2, 4])
 def test_tensor_parallel_matches_full_vocab(world):
     with tempfile.TemporaryDirectory() as outdir:
-        mp.spawn(_tp_worker, args=(world, _free_port(), outdir), nprocs=world, join=True)
+        with rank_slots(world):
+            mp.spawn(_tp_worker, args=(world, _free_port(), outdir), nprocs=world, join=True)
         for rank in range(world):
             with open(os.path.join(outdir, f"rank{rank}.json")) as f:
                 res = json.load(f)

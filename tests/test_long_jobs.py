@@ -10,7 +10,8 @@ import time
 
 import psutil
 
-from tests.parallel.launch import REPO, torchrun
+from tests.parallel.launch import REPO, hang_guard, torchrun, worker_env
+from tests.parallel.rank_slots import rank_slots
 
 _cache = {}
 
@@ -55,7 +56,7 @@ def test_unwritable_checkpoint_dir_fails_cleanly():
 
 
 def _env():
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONPATH=REPO)
+    return worker_env()
 
 
 def _read_metrics(log_dir):
@@ -71,13 +72,18 @@ def _pretrain(log_dir, *overrides, nproc=2):
 
 
 def test_sigterm_saves_exits_zero_and_resumes_exactly(tmp_path):
+    with rank_slots(2):  # the 2-rank jobs below, one at a time
+        _sigterm_saves_exits_zero_and_resumes_exactly(tmp_path)
+
+
+def _sigterm_saves_exits_zero_and_resumes_exactly(tmp_path):
     straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
     subprocess.run(_pretrain(straight, "trainer.max_steps=24"), cwd=REPO, env=_env(), check=True,
-                   capture_output=True, timeout=300)
+                   capture_output=True, timeout=hang_guard(300))
     proc = subprocess.Popen(_pretrain(stopped, "trainer.max_steps=1000"), cwd=REPO, env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = os.path.join(stopped, "metrics.jsonl")
-    deadline = time.time() + 240
+    deadline = time.time() + hang_guard(240)
     while time.time() < deadline:
         if os.path.exists(metrics) and len(_read_metrics(stopped)) >= 3:
             break
@@ -86,7 +92,7 @@ def test_sigterm_saves_exits_zero_and_resumes_exactly(tmp_path):
     # workers again (a repeat within StopSignals.REPEAT_S, ignored)
     for process in [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children(recursive=True):
         process.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=240)
+    out, _ = proc.communicate(timeout=hang_guard(240))
     # the workers save and exit 0; torchrun itself reports the signal it got and exits 1
     # (docs/long_jobs.md, "Preemption")
     assert proc.returncode == 1 and "SignalException" in out, out[-3000:]
@@ -96,7 +102,7 @@ def test_sigterm_saves_exits_zero_and_resumes_exactly(tmp_path):
         step = int(f.read().strip()[len("iter_"):])
     assert 3 <= step <= 20, step
     subprocess.run(_pretrain(stopped, f"trainer.max_steps={step + 3}"), cwd=REPO, env=_env(), check=True,
-                   capture_output=True, timeout=300)
+                   capture_output=True, timeout=hang_guard(300))
     want = {r["step"]: r["loss"] for r in _read_metrics(straight)}
     got = {r["step"]: r["loss"] for r in _read_metrics(stopped)}
     assert [got[s] for s in range(1, step + 4)] == [want[s] for s in range(1, step + 4)]
@@ -107,14 +113,15 @@ def test_save_killed_midway_leaves_the_previous_checkpoint(tmp_path):
 
     log_dir = str(tmp_path / "run")
     worker = [sys.executable, "tests/parallel/killed_save_worker.py", "--log-dir", log_dir]
-    subprocess.run(worker + ["--max-steps", "4"], cwd=REPO, env=_env(), check=True, capture_output=True, timeout=300)
+    subprocess.run(worker + ["--max-steps", "4"], cwd=REPO, env=_env(), check=True, capture_output=True,
+                   timeout=hang_guard(300))
     # Its own session and a log file, not pipes: megatron's save leaves a helper process that
     # would hold the pipes open after the SIGKILL; the whole group is cleaned up below.
     with open(tmp_path / "killed.log", "w") as log:
         killed = subprocess.Popen(worker + ["--max-steps", "6", "--kill-during-save"], cwd=REPO, env=_env(),
                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            returncode = killed.wait(timeout=300)
+            returncode = killed.wait(timeout=hang_guard(300))
         finally:
             try:
                 os.killpg(killed.pid, signal.SIGKILL)
@@ -127,6 +134,6 @@ def test_save_killed_midway_leaves_the_previous_checkpoint(tmp_path):
         assert f.read().strip() == "iter_0000004"
     assert load_common(os.path.join(root, "iter_0000004"))["iteration"] == 4
     done = subprocess.run(worker + ["--max-steps", "6"], cwd=REPO, env=_env(), capture_output=True, text=True,
-                          timeout=300)
+                          timeout=hang_guard(300))
     assert done.returncode == 0 and "saved at step 6" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
     assert sorted(os.listdir(root)) == ["iter_0000004", "iter_0000006", "latest"]

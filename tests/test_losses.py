@@ -26,6 +26,7 @@ from psft_megatron.losses import (
     sft_kl_objective,
     sft_objective,
 )
+from tests.parallel.rank_slots import rank_slots
 
 
 # --------------------------------------------------------------------------------------------
@@ -451,7 +452,8 @@ def test_context_parallel_shards_equal_single_batch():
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        mp.spawn(_cp_worker, args=(world, port, outdir), nprocs=world, join=True)
+        with rank_slots(world):
+            mp.spawn(_cp_worker, args=(world, port, outdir), nprocs=world, join=True)
         per_rank = [torch.load(os.path.join(outdir, f"rank{r}.pt")) for r in range(world)]
     batch = make_batch()
     ls, n, _ = PSFTLoss(LossConfig(kind="sft", agg_mode="seq-mean-token-mean")).loss_func(

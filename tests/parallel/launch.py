@@ -8,7 +8,24 @@ import subprocess
 import sys
 import tempfile
 
+from tests.parallel.rank_slots import rank_slots
+
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+
+
+def hang_guard(seconds: float) -> float:
+    """A subprocess timeout: ``seconds`` (several times the job's time on a quiet 2-core machine)
+    times ``PSFT_TEST_TIMEOUT_SCALE`` (default 3). It catches a hung job; it is not a speed
+    check, and a slow or shared CI machine must not trip it."""
+    return seconds * float(os.environ.get("PSFT_TEST_TIMEOUT_SCALE", "3"))
+
+
+def worker_env(**extra) -> dict:
+    """The environment of a test's subprocess: one intra-op thread, no warnings, the repo
+    importable, and no rank-slot waits inside it (the launching test holds the slots)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONPATH=REPO, PSFT_TEST_RANK_SLOTS="0")
+    env.update(extra)
+    return env
 
 
 def torchrun(script: str, nproc: int, args, timeout: int = 600, env: dict = None, python: str = None) -> dict:
@@ -17,14 +34,16 @@ def torchrun(script: str, nproc: int, args, timeout: int = 600, env: dict = None
     a CPU run on a GPU machine). ``python``: another interpreter (another environment: the
     cross-release checkpoint test); default this one.
 
-    Raises AssertionError with the tail of the log if the launch fails.
+    The launch holds ``nproc`` machine-wide rank slots (tests/parallel/rank_slots.py) and runs
+    under ``hang_guard(timeout)``. Raises AssertionError with the tail of the log if it fails.
     """
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.json")
         cmd = [python or sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                os.path.join(REPO, script), *args, "--out", out]
-        full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONPATH=REPO, **(env or {}))
-        proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+        with rank_slots(nproc):
+            proc = subprocess.run(cmd, cwd=REPO, env=worker_env(**(env or {})), capture_output=True, text=True,
+                                  timeout=hang_guard(timeout))
         log = proc.stdout + proc.stderr
         if proc.returncode != 0 or not os.path.exists(out):
             raise AssertionError(f"{' '.join(cmd)} failed (exit {proc.returncode}):\n{log[-6000:]}")
