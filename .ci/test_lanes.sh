@@ -6,8 +6,10 @@
 #
 # Side by side, not one after the other: most tests wait on process start-up, gloo and each
 # other's ranks more than they compute (a lane alone keeps ~1.1 of the 2 cores busy), so two
-# lanes share the machine well. The lanes share no files: every test writes under its own temp
-# directory, and the fake-CUDA shim is built per torch build.
+# lanes share the machine well. What they must not share is a moment with two multi-rank jobs
+# (gloo collectives wait on the scheduler for every rank): each launch takes one slot per rank
+# from a machine-wide pool (tests/parallel/rank_slots.py). The lanes share no other files: every
+# test writes under its own temp directory, and the fake-CUDA shim is built per torch build.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MAKE=${MAKE:-make}
