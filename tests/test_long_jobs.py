@@ -55,10 +55,6 @@ def test_unwritable_checkpoint_dir_fails_cleanly():
     assert message and "blocker/checkpoints is not writable" in message and "NotADirectoryError" in message
 
 
-def _env():
-    return worker_env()
-
-
 def _read_metrics(log_dir):
     with open(os.path.join(log_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -78,9 +74,9 @@ def test_sigterm_saves_exits_zero_and_resumes_exactly(tmp_path):
 
 def _sigterm_saves_exits_zero_and_resumes_exactly(tmp_path):
     straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
-    subprocess.run(_pretrain(straight, "trainer.max_steps=24"), cwd=REPO, env=_env(), check=True,
+    subprocess.run(_pretrain(straight, "trainer.max_steps=24"), cwd=REPO, env=worker_env(), check=True,
                    capture_output=True, timeout=hang_guard(300))
-    proc = subprocess.Popen(_pretrain(stopped, "trainer.max_steps=1000"), cwd=REPO, env=_env(),
+    proc = subprocess.Popen(_pretrain(stopped, "trainer.max_steps=1000"), cwd=REPO, env=worker_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = os.path.join(stopped, "metrics.jsonl")
     deadline = time.time() + hang_guard(240)
@@ -101,7 +97,7 @@ def _sigterm_saves_exits_zero_and_resumes_exactly(tmp_path):
     with open(os.path.join(stopped, "checkpoints", "latest")) as f:
         step = int(f.read().strip()[len("iter_"):])
     assert 3 <= step <= 20, step
-    subprocess.run(_pretrain(stopped, f"trainer.max_steps={step + 3}"), cwd=REPO, env=_env(), check=True,
+    subprocess.run(_pretrain(stopped, f"trainer.max_steps={step + 3}"), cwd=REPO, env=worker_env(), check=True,
                    capture_output=True, timeout=hang_guard(300))
     want = {r["step"]: r["loss"] for r in _read_metrics(straight)}
     got = {r["step"]: r["loss"] for r in _read_metrics(stopped)}
@@ -113,12 +109,12 @@ def test_save_killed_midway_leaves_the_previous_checkpoint(tmp_path):
 
     log_dir = str(tmp_path / "run")
     worker = [sys.executable, "tests/parallel/killed_save_worker.py", "--log-dir", log_dir]
-    subprocess.run(worker + ["--max-steps", "4"], cwd=REPO, env=_env(), check=True, capture_output=True,
+    subprocess.run(worker + ["--max-steps", "4"], cwd=REPO, env=worker_env(), check=True, capture_output=True,
                    timeout=hang_guard(300))
     # Its own session and a log file, not pipes: megatron's save leaves a helper process that
     # would hold the pipes open after the SIGKILL; the whole group is cleaned up below.
     with open(tmp_path / "killed.log", "w") as log:
-        killed = subprocess.Popen(worker + ["--max-steps", "6", "--kill-during-save"], cwd=REPO, env=_env(),
+        killed = subprocess.Popen(worker + ["--max-steps", "6", "--kill-during-save"], cwd=REPO, env=worker_env(),
                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             returncode = killed.wait(timeout=hang_guard(300))
@@ -133,7 +129,7 @@ def test_save_killed_midway_leaves_the_previous_checkpoint(tmp_path):
     with open(os.path.join(root, "latest")) as f:
         assert f.read().strip() == "iter_0000004"
     assert load_common(os.path.join(root, "iter_0000004"))["iteration"] == 4
-    done = subprocess.run(worker + ["--max-steps", "6"], cwd=REPO, env=_env(), capture_output=True, text=True,
+    done = subprocess.run(worker + ["--max-steps", "6"], cwd=REPO, env=worker_env(), capture_output=True, text=True,
                           timeout=hang_guard(300))
     assert done.returncode == 0 and "saved at step 6" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
     assert sorted(os.listdir(root)) == ["iter_0000004", "iter_0000006", "latest"]

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.parallel.launch import REPO, torchrun
+from tests.parallel.launch import REPO, torchrun, worker_env
 
 _cache = {}
 
@@ -95,7 +95,7 @@ def test_readme_export_command_on_a_training_run(work, tmp_path):
     no --config: the model comes from the checkpoint (vocab size from the tokenizer included)."""
     cases(work)
     out = str(tmp_path / "hf")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONPATH=REPO)
+    env = worker_env()
     proc = subprocess.run([sys.executable, "tools/convert_megatron_to_hf.py", "--ckpt",
                            os.path.join(work, "restore", "checkpoints"), "--out", out, "--verify"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
