@@ -34,7 +34,7 @@ def _is_rank0() -> bool:
 def run(args) -> int:
     """Load the config, set up, train, save; raises :class:`psft_megatron.errors.UserError`."""
     from psft_megatron.config import load_run_config
-    from psft_megatron.startup import quiet_megatron_import
+    from psft_megatron.compat.quiet_imports import quiet_megatron_import
 
     cfg, resolved = load_run_config(args.config_path, args.config_name, args.overrides)
     quiet_megatron_import(announce=_is_rank0())
@@ -54,7 +54,7 @@ def run(args) -> int:
                   + (f"; checkpoint {path}" if path else ""), flush=True)
     finally:
         trainer.close()
-        from psft_megatron.runtime import shutdown
+        from psft_megatron.distributed.runtime import shutdown
 
         shutdown()
     return 0

@@ -20,7 +20,7 @@ setup(
         # torch is not pinned here: GPU clusters bring their own build (NGC container), and an
         # installed torch that satisfies this is kept as it is. megatron-core needs >= 2.6.
         "torch>=2.6",
-        # Tested with 0.16.1 and 0.19.2 (`make test` runs both); psft_megatron.megatron_compat
+        # Tested with 0.16.1 and 0.19.2 (`make test` runs both); psft_megatron.compat.releases
         # bridges their differences, and the CPU layer and the distributed-optimizer fixes are
         # re-checked per release, so stay below the next, unchecked minor version. An installed
         # megatron-core in the range (e.g. an NGC container's) is kept as it is.

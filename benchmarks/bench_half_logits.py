@@ -50,7 +50,7 @@ def main() -> None:
     from psft_megatron.losses import LossConfig, PSFTLoss
     from psft_megatron.model import ModelConfig
     from psft_megatron.model.builder import HalfPrecisionOutput
-    from psft_megatron.runtime import ParallelConfig, device, initialize
+    from psft_megatron.distributed.runtime import ParallelConfig, device, initialize
     from psft_megatron.training.forward import make_train_forward_step
     from psft_megatron.training.setup import setup_model_and_optimizer
     from psft_megatron.training.step import train_step

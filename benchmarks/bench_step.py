@@ -63,7 +63,7 @@ def synthetic_data(args) -> str:
 
 def timed_round(trainer) -> tuple:
     """(wall seconds per step, CPU seconds per step summed over ranks) of one round."""
-    from psft_megatron.runtime import all_reduce_values
+    from psft_megatron.distributed.runtime import all_reduce_values
 
     trainer.step = 0
     torch.distributed.barrier()

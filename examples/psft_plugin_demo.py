@@ -29,7 +29,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E
 
 from psft_megatron.losses import LossConfig, PSFTLoss, reduce_loss_metrics  # noqa: E402
 from psft_megatron.model import ModelConfig  # noqa: E402
-from psft_megatron.runtime import ParallelConfig, initialize, shutdown  # noqa: E402
+from psft_megatron.distributed.runtime import ParallelConfig, initialize, shutdown  # noqa: E402
 from psft_megatron.training.setup import setup_model_and_optimizer  # noqa: E402
 from psft_megatron.training.step import train_step  # noqa: E402
 

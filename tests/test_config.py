@@ -88,7 +88,7 @@ RESTORED_MODELS = {
 @pytest.mark.parametrize("name", sorted(f[:-5] for f in os.listdir(CONFIGS) if f.endswith(".yaml")))
 def test_shipped_configs_load_and_fit_their_world(name):
     from psft_megatron.model import ModelConfig
-    from psft_megatron.model_record import ModelRecord, merge_architecture
+    from psft_megatron.checkpointing.model_record import ModelRecord, merge_architecture
 
     cfg, _ = load_run_config(CONFIGS, name)
     if cfg.model.restore_from_path:  # the architecture comes from the checkpoint's model.yaml

@@ -9,15 +9,15 @@ import textwrap
 import pytest
 import torch
 
-from psft_megatron import cpu_compat
+from psft_megatron.compat import cpu as cpu_compat
 from tests.parallel.fixes_worker import launch_once
 from tests.parallel.launch import REPO
 
 CHECKS = textwrap.dedent(
     """
     import torch
-    from psft_megatron import cpu_compat
-    from psft_megatron.megatron_compat import version_in
+    from psft_megatron.compat import cpu as cpu_compat
+    from psft_megatron.compat.releases import version_in
     cpu_compat.install(); cpu_compat.install()  # idempotent
     x = torch.zeros(3, device="cuda")
     assert x.device.type == "cpu", x.device

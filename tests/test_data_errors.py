@@ -152,7 +152,7 @@ def test_pyarrow_is_optional_with_an_install_hint():
 
 def test_template_that_rewrites_earlier_turns_is_reported(tmp_path):
     from psft_megatron.data import SampleFormatter
-    from psft_megatron.data.schema import to_conversation
+    from psft_megatron.data.conversation import to_conversation
 
     tokenizer = build_tokenizer(TokenizerConfig(library="huggingface", model=HF_TOKENIZER))
     # a template that drops earlier assistant turns (like templates that strip old <think> blocks)

@@ -9,7 +9,7 @@ from psft_megatron.data import (DataConfig, SampleFormatter, SFTDataset, Tokeniz
                                 required_multiple)
 from psft_megatron.data.dataset import load_or_tokenize
 from psft_megatron.data.errors import Location
-from psft_megatron.data.schema import to_conversation
+from psft_megatron.data.conversation import to_conversation
 from tests.data_fixtures.helpers import HF_TOKENIZER, SPM_MODEL, TINY_SFT, write_jsonl
 
 LOC = Location("mem.jsonl", line=1)

@@ -8,7 +8,7 @@ fresh model and optimizer once per fix with that fix off (and once with all on) 
 
 import pytest
 
-from psft_megatron import distopt_fixes
+from psft_megatron.compat import distopt_fixes
 from tests.parallel.fixes_worker import launch_once
 
 NAMES = [fix.name for fix in distopt_fixes.FIXES]

@@ -20,7 +20,7 @@ def _fp8(*overrides):
 
 def _transformer_config(fp8: FP8Config):
     from psft_megatron.model import ModelConfig
-    from psft_megatron.runtime import ParallelConfig
+    from psft_megatron.distributed.runtime import ParallelConfig
 
     arch = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128, vocab_size=100,
                        params_dtype="bfloat16")

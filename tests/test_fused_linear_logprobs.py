@@ -234,7 +234,7 @@ def test_model_fused_equals_unfused(name):
 
 
 # --------------------------------------------------------------------------------------------
-# the output-processor bridge (psft_megatron.megatron_compat), on stand-in models
+# the output-processor bridge (psft_megatron.compat.releases), on stand-in models
 # --------------------------------------------------------------------------------------------
 class _StubOutputLayer(torch.nn.Module):
     def __init__(self):
@@ -277,7 +277,7 @@ class _Wrapper(torch.nn.Module):  # DDP / Float16Module: forward delegates to .m
 
 
 def test_bridge_on_a_release_without_the_hook():
-    from psft_megatron.megatron_compat import forward_with_output_processor, has_output_processor
+    from psft_megatron.compat.releases import forward_with_output_processor, has_output_processor
 
     seen = {}
 
@@ -303,7 +303,7 @@ def test_bridge_on_a_release_without_the_hook():
 
 
 def test_bridge_uses_the_native_hook_when_present():
-    from psft_megatron.megatron_compat import forward_with_output_processor, has_output_processor
+    from psft_megatron.compat.releases import forward_with_output_processor, has_output_processor
 
     class GPT019(_StubGPT016):
         def forward(self, input_ids, position_ids, attention_mask, packed_seq_params=None, *,

@@ -50,7 +50,7 @@ def test_fusion_switches(spec, kernels, on):
 
 def test_fusion_switches_reach_the_transformer_config():
     from psft_megatron.model import ModelConfig
-    from psft_megatron.runtime import ParallelConfig
+    from psft_megatron.distributed.runtime import ParallelConfig
 
     arch = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128, vocab_size=100)
     config = arch.to_transformer_config(ParallelConfig(), **fusion_fields("local", GPU_APEX))

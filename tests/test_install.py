@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from psft_megatron.megatron_compat import version_in
+from psft_megatron.compat.releases import version_in
 from tests.parallel.launch import REPO
 
 pytestmark = pytest.mark.skipif(

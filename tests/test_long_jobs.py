@@ -105,7 +105,7 @@ def _sigterm_saves_exits_zero_and_resumes_exactly(tmp_path):
 
 
 def test_save_killed_midway_leaves_the_previous_checkpoint(tmp_path):
-    from psft_megatron.checkpointing import load_common
+    from psft_megatron.checkpointing.dist_checkpoint import load_common
 
     log_dir = str(tmp_path / "run")
     worker = [sys.executable, "tests/parallel/killed_save_worker.py", "--log-dir", log_dir]

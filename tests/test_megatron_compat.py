@@ -1,12 +1,12 @@
-"""psft_megatron.megatron_compat: version checks and the bridges between releases."""
+"""psft_megatron.compat.releases: version checks and the bridges between releases."""
 
 import inspect
 
 import pytest
 import torch
 
-from psft_megatron import megatron_compat
-from psft_megatron.megatron_compat import version_in
+from psft_megatron.compat import releases as megatron_compat
+from psft_megatron.compat.releases import version_in
 
 
 def test_version_is_the_importable_megatron_core():

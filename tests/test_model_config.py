@@ -3,7 +3,7 @@
 import pytest
 
 from psft_megatron.model import ModelConfig
-from psft_megatron.runtime import ParallelConfig
+from psft_megatron.distributed.runtime import ParallelConfig
 
 BASE = dict(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128, vocab_size=250)
 

@@ -8,7 +8,7 @@ import torch
 from psft_megatron.config.loader import build_run_config, check_layout, check_requirements
 from psft_megatron.errors import ConfigError
 from psft_megatron.model import ModelConfig
-from psft_megatron.runtime import ParallelConfig
+from psft_megatron.distributed.runtime import ParallelConfig
 
 MOE = dict(num_layers=4, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128, vocab_size=250,
            num_experts=8, moe_router_topk=2, moe_ffn_hidden_size=32)
@@ -126,7 +126,7 @@ def test_parallel_config_expert_grid():
 def test_chained_optimizer_keys_are_not_model_weights():
     # the strict key check of a restore: an MoE model's ChainedOptimizer stores its dense and
     # expert optimizers' state under "chained_<i>.optimizer..."; those are not weights
-    from psft_megatron.checkpointing import _is_model_key
+    from psft_megatron.checkpointing.dist_checkpoint import _is_model_key
 
     assert not _is_model_key("optimizer.state.exp_avg.decoder.layers.0.mlp.linear_fc1.weight")
     assert not _is_model_key("chained_1.optimizer.distributed.dp_group_idx_0.gbuf_idx_0.dtype_(torch.float32).bucket_idx_0.exp_avg")

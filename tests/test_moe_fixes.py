@@ -1,5 +1,5 @@
-"""MoE on gloo: each MoE fix (psft_megatron.moe_fixes) and each multi-rank CPU patch
-(psft_megatron.cpu_compat.MULTI_RANK_PATCHES) shows its bug with the fix off exactly on the
+"""MoE on gloo: each MoE fix (psft_megatron.compat.moe_fixes) and each multi-rank CPU patch
+(psft_megatron.compat.cpu.MULTI_RANK_PATCHES) shows its bug with the fix off exactly on the
 megatron-core releases it is declared for, and never with it on; the allgather dispatcher runs
 at TP=2+SP, EP=2; the layer specs write the same checkpoint keys for MoE layers.
 
@@ -9,7 +9,7 @@ One 4-process launch (tests/parallel/moe_worker.py) runs every probe; see its do
 import pytest
 import torch
 
-from psft_megatron import cpu_compat, moe_fixes
+from psft_megatron.compat import cpu as cpu_compat, moe_fixes
 from tests.parallel.moe_worker import launch_once
 
 NAMES = [fix.name for fix in moe_fixes.FIXES] + list(cpu_compat.MULTI_RANK_PATCHES)

@@ -94,7 +94,7 @@ def test_moe_checkpoint_reshards_with_optimizer_state(suite, name):
 @pytest.mark.parametrize("suite,name", CKPTS, ids=[name for _, name in CKPTS])
 def test_moe_checkpoint_passes_the_strict_key_check(suite, name):
     # an MoE model's ChainedOptimizer stores "chained_<i>.optimizer..." keys: optimizer state,
-    # not unexpected weights (psft_megatron.checkpointing._is_model_key)
+    # not unexpected weights (psft_megatron.checkpointing.dist_checkpoint._is_model_key)
     entry = suite_result(suite)["checkpoints"][name]
     assert "error" not in entry, f"{name}: {entry.get('error')}"
     refused = {k: v["strict_error"] for k, v in entry.items() if isinstance(v, dict) and v.get("strict_error")}

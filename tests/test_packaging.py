@@ -15,7 +15,7 @@ class Block(importlib.abc.MetaPathFinder):
         if name.split('.')[0] in ('transformer_engine', 'apex', 'nemo'):
             raise ModuleNotFoundError('blocked for the test: ' + name)
 sys.meta_path.insert(0, Block())
-import psft_megatron, psft_megatron.runtime, psft_megatron.model.builder, psft_megatron.checkpointing
+import psft_megatron, psft_megatron.distributed.runtime, psft_megatron.model.builder, psft_megatron.checkpointing.dist_checkpoint
 import psft_megatron.training.setup, psft_megatron.ops, psft_megatron.losses
 print('OK')
 """

@@ -33,7 +33,7 @@ sys.path.insert(0, REPO)
 
 from psft_megatron.data.errors import DataError, Location  # noqa: E402
 from psft_megatron.data.readers import iter_records, iter_hf_dir  # noqa: E402
-from psft_megatron.data.schema import get_path, to_conversation  # noqa: E402
+from psft_megatron.data.conversation import get_path, to_conversation  # noqa: E402
 
 PROMPT_KEYS = ("question", "problem", "prompt", "instruction", "input")
 RESPONSE_KEYS = ("solution", "response", "answer", "output", "completion")

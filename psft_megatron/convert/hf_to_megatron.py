@@ -23,7 +23,7 @@ from psft_megatron.convert.errors import ConversionError
 from psft_megatron.convert.hf_config import model_config_from_hf
 from psft_megatron.model.config import ModelConfig
 
-from psft_megatron.model_record import HF_CONFIG_DIR, MODEL_YAML, write_model_record  # noqa: F401 (re-exported)
+from psft_megatron.checkpointing.model_record import HF_CONFIG_DIR, MODEL_YAML, write_model_record  # noqa: F401 (re-exported)
 
 CONVERSION_JSON = "conversion.json"
 _HF_DTYPES = {"bfloat16": "bfloat16", "float32": "float32", "float16": "float16"}
@@ -77,7 +77,7 @@ def check_tensors(reader: hf_io.SafetensorsReader, cfg: ModelConfig) -> bool:
 
 
 def write_model_yaml(cfg: ModelConfig, ckpt_dir: str, hf_dir: Optional[str] = None, tokenizer: bool = False) -> None:
-    """``<ckpt_dir>/model.yaml`` (:mod:`psft_megatron.model_record`): the architecture and, when
+    """``<ckpt_dir>/model.yaml`` (:mod:`psft_megatron.checkpointing.model_record`): the architecture and, when
     the HF side files include a tokenizer, ``model.tokenizer`` pointing at them."""
     tok = {"library": "huggingface", "model": HF_CONFIG_DIR} if tokenizer else None
     source = {"kind": "converted", "hf_dir": os.path.abspath(hf_dir)} if hf_dir else None

@@ -43,7 +43,7 @@ def ensure_world_of_one(any_world: bool = False) -> None:
     """
     from megatron.core import parallel_state
 
-    from psft_megatron.runtime import ParallelConfig, initialize
+    from psft_megatron.distributed.runtime import ParallelConfig, initialize
 
     if torch.distributed.is_initialized() and parallel_state.model_parallel_is_initialized():
         if ((any_world or torch.distributed.get_world_size() == 1) and parallel_state.get_tensor_model_parallel_world_size() == 1
@@ -56,7 +56,7 @@ def ensure_world_of_one(any_world: bool = False) -> None:
 def meta_sharded_state_dict(cfg: ModelConfig, any_world: bool = False) -> dict:
     """``{TP=1 state-dict name: ShardedTensor | ShardedTensorFactory | ShardedObject}`` with meta data."""
     from psft_megatron.model.builder import build_gpt_chunks
-    from psft_megatron.runtime import ParallelConfig
+    from psft_megatron.distributed.runtime import ParallelConfig
 
     ensure_world_of_one(any_world)
     config = cfg.to_transformer_config(ParallelConfig(), use_cpu_initialization=True)
@@ -158,7 +158,7 @@ def write_checkpoint(cfg: ModelConfig, out_dir: str, tensor_fn: Callable[[str], 
     os.makedirs(out_dir, exist_ok=True)
     dist_checkpointing.save({"model": sharded}, out_dir, sharded_strategy=_lazy_strategy(resolve))
     cache.clear()
-    from psft_megatron.megatron_compat import write_legacy_common_state
+    from psft_megatron.compat.releases import write_legacy_common_state
 
     write_legacy_common_state(out_dir)  # loadable by every supported megatron-core release
 

@@ -39,7 +39,7 @@ def _export_model_config(ckpt_dir: str, config: Optional[str], log):
     one), with the ``model:`` keys of ``config`` (a YAML) overriding it, each override logged.
     Returns (ModelConfig, ModelRecord or None)."""
     from psft_megatron.errors import CheckpointError
-    from psft_megatron.model_record import read_model_record
+    from psft_megatron.checkpointing.model_record import read_model_record
 
     try:
         record = read_model_record(ckpt_dir)

@@ -1,5 +1,5 @@
 """``--verify``: one forward pass of the HF model and of our GPTModel in fp32, compared; on the
-GPU when there is one (:func:`psft_megatron.runtime.device`), else on the CPU.
+GPU when there is one (:func:`psft_megatron.distributed.runtime.device`), else on the CPU.
 
 Both models are held in memory (fp32) here, unlike the conversion itself.
 """
@@ -24,7 +24,7 @@ def hf_logits(hf_dir: str, tokens: torch.Tensor) -> torch.Tensor:
     computed on this process's device."""
     from transformers import AutoModelForCausalLM
 
-    from psft_megatron.runtime import device
+    from psft_megatron.distributed.runtime import device
 
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager")
     model.to(device()).eval()
@@ -38,10 +38,10 @@ def megatron_logits(cfg: ModelConfig, ckpt_dir: str, tokens: torch.Tensor) -> to
     """[b, s, V] fp32 logits of our TP=1/PP=1 GPTModel (``cpu`` spec) loaded from ``ckpt_dir``; padding sliced off."""
     import dataclasses
 
-    from psft_megatron.checkpointing import load_checkpoint
+    from psft_megatron.checkpointing.dist_checkpoint import load_checkpoint
     from psft_megatron.convert.megatron_io import ensure_world_of_one
     from psft_megatron.model.builder import build_gpt_chunks
-    from psft_megatron.runtime import ParallelConfig
+    from psft_megatron.distributed.runtime import ParallelConfig
 
     ensure_world_of_one()
     fp32 = dataclasses.replace(cfg, params_dtype="float32")

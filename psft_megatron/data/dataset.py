@@ -33,7 +33,7 @@ from psft_megatron.data.formatting import SampleFormatter
 from psft_megatron.data.lengths import LengthStats, apply_length_policy, required_multiple
 from psft_megatron.data.packing import pack, packed_row_length, packing_efficiency
 from psft_megatron.data.readers import iter_records
-from psft_megatron.data.schema import to_conversation
+from psft_megatron.data.conversation import to_conversation
 from psft_megatron.data.template import TemplateFormatter
 from psft_megatron.data.tokenizers import Tokenizer
 from psft_megatron.errors import on_rank0_then_all

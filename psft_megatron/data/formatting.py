@@ -30,7 +30,7 @@ import numpy as np
 
 from psft_megatron.data.config import TokenizerConfig
 from psft_megatron.data.errors import ConfigError, DataError, Location
-from psft_megatron.data.schema import Conversation
+from psft_megatron.data.conversation import Conversation
 from psft_megatron.data.tokenizers import Tokenizer
 
 # a segment: (text or None, fixed ids or None, kind) with kind 0 = context, 1 = trained response

@@ -35,7 +35,7 @@ from typing import Any, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from psft_megatron.data.errors import ConfigError, DataError, Location
-from psft_megatron.data.schema import get_path
+from psft_megatron.data.conversation import get_path
 
 _PLACEHOLDER = re.compile(r"( *)\{([^{}]*)\}")
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r"}

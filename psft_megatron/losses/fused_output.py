@@ -1,7 +1,7 @@
 """The output layer fused into the log-prob op, as a GPTModel output processor.
 
 :class:`FusedLogprobProcessor` has the signature of megatron-core's GPTModel output-processor
-hook (``psft_megatron.megatron_compat.forward_with_output_processor`` provides it on every
+hook (``psft_megatron.compat.releases.forward_with_output_processor`` provides it on every
 supported release): it receives the decoder's final hidden states and the output layer, and
 returns the per-token log-probs of the labels and the entropies, computed by
 :func:`psft_megatron.ops.fused_linear_logprobs` without any logits tensor.

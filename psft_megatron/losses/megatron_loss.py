@@ -36,7 +36,7 @@ from psft_megatron.losses.objectives import (
     sft_objective,
 )
 from psft_megatron.ops import vocab_parallel_kl, vocab_parallel_logprobs
-from psft_megatron.process_groups import resolve_group
+from psft_megatron.distributed.groups import resolve_group
 
 __all__ = ["PSFTLoss", "reduce_loss_metrics", "aggregate_loss"]
 
@@ -163,7 +163,7 @@ class PSFTLoss:
         Without ``fused_output_layer``: ``model(tokens, position_ids, attention_mask, ...)``, the
         logits ``[b, s, V/tp]`` on the last pipeline stage. With it: the output layer is fused
         into :func:`psft_megatron.ops.fused_linear_logprobs` (megatron's output-processor hook,
-        ``psft_megatron.megatron_compat``): the last stage returns fp32 ``[b, s, 2]`` - log p of
+        ``psft_megatron.compat.releases``): the last stage returns fp32 ``[b, s, 2]`` - log p of
         ``labels`` and the entropy (0 unless ``return_entropy``, default ``compute_entropy``) -
         and rows with ``loss_mask == 0`` (or ``seq_ids < 0``) are never projected (0 there).
         Other stages return their hidden states either way. ``model_kwargs`` go to the model
@@ -173,7 +173,7 @@ class PSFTLoss:
             model_kwargs["packed_seq_params"] = packed_seq_params
         if not self.config.fused_output_layer:
             return model(tokens, position_ids, attention_mask, **model_kwargs)
-        from psft_megatron.megatron_compat import forward_with_output_processor
+        from psft_megatron.compat.releases import forward_with_output_processor
 
         mask = None
         if loss_mask is not None:

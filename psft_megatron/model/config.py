@@ -1,7 +1,7 @@
 """``ModelConfig``: the architecture of a Llama/Qwen-style decoder, independent of parallelism.
 
 It maps onto megatron's ``TransformerConfig`` (:meth:`ModelConfig.to_transformer_config`),
-with the parallel layout taken from :class:`psft_megatron.runtime.ParallelConfig`.
+with the parallel layout taken from :class:`psft_megatron.distributed.runtime.ParallelConfig`.
 The family of models covered: pre-norm decoder, RMSNorm, SwiGLU MLP, RoPE (optionally with
 Llama-3 frequency scaling), grouped-query attention, optional QKV bias (Qwen2/2.5), optional
 per-head QK RMSNorm (Qwen3), a head dimension that may differ from hidden / heads (Qwen3),
@@ -254,7 +254,7 @@ class ModelConfig:
         """megatron ``TransformerConfig`` for this architecture under ``parallel``.
 
         Args:
-            parallel: :class:`psft_megatron.runtime.ParallelConfig`.
+            parallel: :class:`psft_megatron.distributed.runtime.ParallelConfig`.
             overrides: extra TransformerConfig fields (e.g. ``recompute_granularity``, ``fp8``).
         """
         from megatron.core.transformer import TransformerConfig

@@ -30,7 +30,7 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.distributed as dist
 
-from psft_megatron.process_groups import resolve_group
+from psft_megatron.distributed.groups import resolve_group
 
 __all__ = ["vocab_parallel_logprobs", "vocab_parallel_kl", "default_chunk_size"]
 

@@ -3,7 +3,7 @@
 The data pipeline (:mod:`psft_megatron.data.collate`) builds every micro-batch on the host.
 :func:`to_device` copies the tensors the model and the loss read - ``tokens``, ``labels``,
 ``loss_mask``, ``position_ids``, ``seq_ids``, the ``cu_seqlens*`` of ``packed_seq_params``,
-and ``old_logprobs`` / ``ref_logprobs`` when present - to :func:`psft_megatron.runtime.device`.
+and ``old_logprobs`` / ``ref_logprobs`` when present - to :func:`psft_megatron.distributed.runtime.device`.
 On CUDA each tensor is staged in pinned host memory and copied with ``non_blocking=True``, so
 the copy overlaps with the GPU's work; the trainer moves a micro-batch once, when it is read,
 and every later pass over it (old-policy or reference pass, training step) reuses the device
@@ -37,7 +37,7 @@ def to_device(micro: Dict[str, object], device: Optional[torch.device] = None) -
     """A copy of the micro-batch dict whose tensors live on ``device`` (default: this
     process's device). Tensors shared between fields (``cu_seqlens_q`` is ``cu_seqlens_kv``)
     are copied once and stay shared."""
-    from psft_megatron.runtime import device as runtime_device
+    from psft_megatron.distributed.runtime import device as runtime_device
 
     device = device or runtime_device()
     if device.type == "cpu":

@@ -19,7 +19,7 @@ def slice_for_context_parallel(micro: Dict[str, object]) -> Dict[str, object]:
     """This CP rank's share of a micro-batch (megatron's load-balanced 2*CP chunks)."""
     from megatron.core import parallel_state
 
-    from psft_megatron.megatron_compat import get_batch_on_this_cp_rank
+    from psft_megatron.compat.releases import get_batch_on_this_cp_rank
 
     if parallel_state.get_context_parallel_world_size() == 1:
         return micro

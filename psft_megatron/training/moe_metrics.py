@@ -3,7 +3,7 @@ load of every MoE layer.
 
 - ``moe_aux_loss`` (and ``moe_z_loss`` when the z-loss is on): the loss before its coefficient,
   as megatron computes and records it per layer and micro-batch
-  (:func:`psft_megatron.megatron_compat.moe_router_losses`), averaged over the micro-batches
+  (:func:`psft_megatron.compat.releases.moe_router_losses`), averaged over the micro-batches
   of the step, the data-parallel replicas and the MoE layers;
 - ``moe_load_max_mean`` and ``moe_load_max_mean/layer_N`` (N: 0-based global layer index):
   tokens routed to the busiest expert over the mean per expert (1.0 is perfect balance, k*E/k
@@ -14,7 +14,7 @@ load of every MoE layer.
 Token counts come from forward hooks on megatron's routers (the ``routing_map`` [tokens, E]
 they return): only forwards in training mode with gradients count, so the old-policy, reference
 and validation passes do not. Everything reduces in one all-reduce over the world on
-:func:`psft_megatron.runtime.device`.
+:func:`psft_megatron.distributed.runtime.device`.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ class MoEMetrics:
     def __init__(self, chunks: List, config):
         from megatron.core.transformer.moe.router import TopKRouter
 
-        from psft_megatron.checkpointing import unwrap
-        from psft_megatron.runtime import device
+        from psft_megatron.model.unwrap import unwrap
+        from psft_megatron.distributed.runtime import device
 
         self.config = config
         self.num_layers = config.num_layers
@@ -62,8 +62,8 @@ class MoEMetrics:
         """The step's metrics (same on every rank; collective), then everything reset."""
         from megatron.core import parallel_state
 
-        from psft_megatron.megatron_compat import clear_moe_router_losses, moe_router_losses
-        from psft_megatron.runtime import device
+        from psft_megatron.compat.releases import clear_moe_router_losses, moe_router_losses
+        from psft_megatron.distributed.runtime import device
 
         losses = moe_router_losses()
         wanted = [("moe_aux_loss", _AUX_NAMES.get(self.config.moe_router_load_balancing_type))]

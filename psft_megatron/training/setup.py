@@ -81,7 +81,7 @@ def setup_model_and_optimizer(
 
     Args:
         model_cfg: architecture.
-        parallel: :class:`psft_megatron.runtime.ParallelConfig` (already initialised).
+        parallel: :class:`psft_megatron.distributed.runtime.ParallelConfig` (already initialised).
         optimizer_config: megatron ``OptimizerConfig`` (lr, weight decay, betas, clip_grad...).
         schedule: lr schedule; default constant lr.
         layer_spec: "te", "local" or "cpu" (None: te with CUDA + TE, local with CUDA only,

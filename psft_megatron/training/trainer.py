@@ -29,9 +29,9 @@ import torch
 from psft_megatron.config.loader import check_layout, check_paths, check_requirements, fp8_config
 from psft_megatron.config.schema import PRECISIONS, SCHEDULES, RunConfig
 from psft_megatron.errors import ConfigError
-from psft_megatron.model_record import write_model_record
-from psft_megatron.training.checkpoints import CheckpointManager
-from psft_megatron.training.restore import describe_restore, prepare_restore, record_for_save
+from psft_megatron.checkpointing.model_record import write_model_record
+from psft_megatron.checkpointing.manager import CheckpointManager
+from psft_megatron.checkpointing.restore import describe_restore, prepare_restore, record_for_save
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class StopSignals:
 
     def agreed(self) -> bool:
         """True on every rank if any rank got a signal (one all-reduce per step)."""
-        from psft_megatron.runtime import all_reduce_values
+        from psft_megatron.distributed.runtime import all_reduce_values
 
         (flag,) = all_reduce_values([self.name is not None], op="max")
         if flag and self.name is None:
@@ -169,7 +169,7 @@ class Trainer:
         self.consecutive_skips = 0
         self.skipped_steps = 0
         self.preempted = False
-        self.restored = None  # the model.yaml of model.restore_from_path (psft_megatron.model_record)
+        self.restored = None  # the model.yaml of model.restore_from_path (psft_megatron.checkpointing.model_record)
 
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:
@@ -178,7 +178,7 @@ class Trainer:
 
         from psft_megatron.data import SFTDataset, build_tokenizer
         from psft_megatron.losses import LossConfig, PSFTLoss
-        from psft_megatron.runtime import ParallelConfig, initialize
+        from psft_megatron.distributed.runtime import ParallelConfig, initialize
         from psft_megatron.training.data_plan import load_data_settings
         from psft_megatron.training.metrics_log import MetricsLogger
         from psft_megatron.training.setup import ScheduleConfig, setup_model_and_optimizer
@@ -301,7 +301,7 @@ class Trainer:
         """Model parameters in total (each TP/PP shard counted once, DP/CP replicas not)."""
         from megatron.core import parallel_state
 
-        from psft_megatron.runtime import all_reduce_values
+        from psft_megatron.distributed.runtime import all_reduce_values
 
         local = 0
         if parallel_state.get_data_parallel_rank() == 0 and parallel_state.get_context_parallel_rank() == 0:
@@ -349,7 +349,7 @@ class Trainer:
     def _load_initial_weights(self, chunks) -> None:
         path = self.cfg.model.restore_from_path
         if path:
-            from psft_megatron.checkpointing import load_checkpoint
+            from psft_megatron.checkpointing.dist_checkpoint import load_checkpoint
 
             load_checkpoint(path, chunks)
 
@@ -362,7 +362,7 @@ class Trainer:
         it runs in bf16 instead (docs/fp8.md). It never keeps FP8 weights (no optimizer)."""
         import dataclasses
 
-        from psft_megatron.checkpointing import unwrap
+        from psft_megatron.model.unwrap import unwrap
         from psft_megatron.model.builder import build_gpt_chunks
 
         config = dataclasses.replace(self.tm.config, fp8_param=False)
@@ -396,7 +396,7 @@ class Trainer:
         from megatron.core import parallel_state
 
         from psft_megatron.losses import reduce_loss_metrics
-        from psft_megatron.runtime import all_reduce_values
+        from psft_megatron.distributed.runtime import all_reduce_values
 
         values, present = [0.0] * len(keys), [0.0] * len(keys)
         if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
@@ -539,7 +539,7 @@ class Trainer:
 
     def save(self) -> str:
         """Atomic checkpoint of everything a resume needs (see docs/long_jobs.md)."""
-        from psft_megatron.checkpointing import save_checkpoint, uses_distributed_optimizer
+        from psft_megatron.checkpointing.dist_checkpoint import save_checkpoint, uses_distributed_optimizer
 
         common = {
             "iteration": self.step,
@@ -570,7 +570,7 @@ class Trainer:
     def _resume(self, path: str) -> None:
         """Load a checkpoint written by :meth:`save`: weights, optimizer, schedule, counters,
         data position, RNG and (same layout only) the open old-policy window."""
-        from psft_megatron.checkpointing import load_checkpoint, load_common, uses_distributed_optimizer
+        from psft_megatron.checkpointing.dist_checkpoint import load_checkpoint, load_common, uses_distributed_optimizer
 
         common = load_common(path)
         mine = uses_distributed_optimizer(self.tm.optimizer)

@@ -61,7 +61,7 @@ def main() -> None:
 
     from psft_megatron.data import DataConfig, SFTDataset, TokenizerConfig, build_tokenizer, collate_unpacked
     from psft_megatron.data.dataset import load_or_tokenize
-    from psft_megatron.runtime import ParallelConfig, initialize
+    from psft_megatron.distributed.runtime import ParallelConfig, initialize
 
     parallel = ParallelConfig()
     initialize(parallel, seed=1234)

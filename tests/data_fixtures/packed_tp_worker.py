@@ -29,7 +29,7 @@ def main() -> None:
     from psft_megatron.data.dataset import load_or_tokenize
     from psft_megatron.model import ModelConfig
     from psft_megatron.model.builder import build_gpt_chunks
-    from psft_megatron.runtime import ParallelConfig, initialize
+    from psft_megatron.distributed.runtime import ParallelConfig, initialize
 
     tp = int(os.environ.get("WORLD_SIZE", "1"))
     parallel = ParallelConfig(tensor_model_parallel_size=tp, sequence_parallel=tp > 1)

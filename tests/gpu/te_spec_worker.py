@@ -11,10 +11,10 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
-from psft_megatron import cpu_compat  # noqa: E402
-from psft_megatron.checkpointing import load_checkpoint, save_checkpoint  # noqa: E402
+from psft_megatron.compat import cpu as cpu_compat  # noqa: E402
+from psft_megatron.checkpointing.dist_checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from psft_megatron.model.builder import build_gpt_chunks  # noqa: E402
-from psft_megatron.runtime import ParallelConfig, initialize  # noqa: E402
+from psft_megatron.distributed.runtime import ParallelConfig, initialize  # noqa: E402
 from tests.parallel.parity_worker import TINY_MODEL  # noqa: E402
 
 

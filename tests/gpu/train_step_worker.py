@@ -39,7 +39,7 @@ BASE = ["trainer.max_steps=6", "trainer.val_check_interval=0", "trainer.progress
 def te_fp8_state(chunks) -> dict:
     """TE's FP8 state per module: scales and amax histories, forward and backward (delayed
     recipe; other recipes keep none)."""
-    from psft_megatron.checkpointing import unwrap
+    from psft_megatron.model.unwrap import unwrap
 
     out = {}
     for i, chunk in enumerate(chunks):

@@ -294,10 +294,10 @@ def pipeline_logits(chunks, tokens: torch.Tensor):
 def layouts(workdir: str) -> dict:
     import dataclasses
 
-    from psft_megatron.checkpointing import load_checkpoint, save_checkpoint
+    from psft_megatron.checkpointing.dist_checkpoint import load_checkpoint, save_checkpoint
     from psft_megatron.convert.hf_to_megatron import read_model_yaml
     from psft_megatron.model.builder import build_gpt_chunks
-    from psft_megatron.runtime import ParallelConfig, initialize, reinitialize_model_parallel
+    from psft_megatron.distributed.runtime import ParallelConfig, initialize, reinitialize_model_parallel
 
     torch.set_num_threads(1)
     t0 = time.time()

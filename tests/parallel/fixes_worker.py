@@ -4,7 +4,7 @@ Run by tests/test_cpu_compat.py and tests/test_distopt_fixes.py (one process, wo
 
     torchrun --nproc_per_node 1 tests/parallel/fixes_worker.py --out /tmp/r.json
 
-For every patch of psft_megatron.cpu_compat and every fix of psft_megatron.distopt_fixes it runs
+For every patch of psft_megatron.compat.cpu and every fix of psft_megatron.compat.distopt_fixes it runs
 a probe through megatron-core's own code twice: with that one patch/fix reverted
 (``disabled(name)``) and with everything in effect. A probe reports a bug when megatron raises
 or when it returns a wrong result silently. The tests then require: the bug shows with the
@@ -25,9 +25,9 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
-from psft_megatron import cpu_compat, distopt_fixes  # noqa: E402
-from psft_megatron.megatron_compat import megatron_version  # noqa: E402
-from psft_megatron.runtime import ParallelConfig, initialize  # noqa: E402
+from psft_megatron.compat import cpu as cpu_compat, distopt_fixes  # noqa: E402
+from psft_megatron.compat.releases import megatron_version  # noqa: E402
+from psft_megatron.distributed.runtime import ParallelConfig, initialize  # noqa: E402
 
 
 def _outcome(probe) -> dict:
@@ -176,7 +176,7 @@ def cpu_patches() -> dict:
         entry["on"] = _outcome(probe)
         results[patch.name] = entry
     # the model-parallel seeds the probes disturbed
-    from psft_megatron.runtime import set_seeds
+    from psft_megatron.distributed.runtime import set_seeds
 
     set_seeds(1234)
     return results
@@ -188,7 +188,7 @@ def distopt_fixes_check(workdir: str) -> dict:
     then, per fix, load into a fresh model + optimizer with that fix off and continue."""
     from tests.parallel.parity_worker import Layout, build_layout, make_global_batches, run_steps
 
-    from psft_megatron.checkpointing import load_checkpoint, save_checkpoint
+    from psft_megatron.checkpointing.dist_checkpoint import load_checkpoint, save_checkpoint
 
     batches = make_global_batches(5)
     layout = Layout("distopt", ParallelConfig(), distopt=True)
@@ -225,7 +225,7 @@ def distopt_fixes_check(workdir: str) -> dict:
     def default_format_save():
         from megatron.core import dist_checkpointing
 
-        from psft_megatron.checkpointing import unwrap
+        from psft_megatron.model.unwrap import unwrap
 
         model_state = {"model": unwrap(tm.chunks[0]).sharded_state_dict()}
         state = dict(model_state, optimizer=tm.optimizer.sharded_state_dict(model_state, is_loading=False))

@@ -78,7 +78,7 @@ RECORDER = Recorder()
 
 def watch_modules(chunks, seen: dict) -> None:
     """Record, per module kind and phase, whether it ran inside the FP8 region."""
-    from psft_megatron.checkpointing import unwrap
+    from psft_megatron.model.unwrap import unwrap
 
     for chunk in chunks:
         for name, module in unwrap(chunk).named_modules():
@@ -112,7 +112,7 @@ def training_state(trainer) -> dict:
     schedule, data position, RNG streams, module train/eval modes."""
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
-    from psft_megatron.checkpointing import unwrap
+    from psft_megatron.model.unwrap import unwrap
 
     out = {}
     for i, chunk in enumerate(trainer.tm.chunks):
@@ -199,7 +199,7 @@ def check_specs() -> dict:
     from psft_megatron.model import ModelConfig
     from psft_megatron.model.fusions import Kernels
     from psft_megatron.model.layer_specs import build_block_spec
-    from psft_megatron.runtime import ParallelConfig, reinitialize_model_parallel
+    from psft_megatron.distributed.runtime import ParallelConfig, reinitialize_model_parallel
 
     reinitialize_model_parallel(ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True))
     tc = ModelConfig(**TINY).to_transformer_config(ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True))
@@ -262,8 +262,8 @@ def full_logits(model, tokens):
 
 
 def check_checkpoints(workdir: str) -> dict:
-    from psft_megatron.checkpointing import load_checkpoint, save_checkpoint
-    from psft_megatron.runtime import ParallelConfig, reinitialize_model_parallel
+    from psft_megatron.checkpointing.dist_checkpoint import load_checkpoint, save_checkpoint
+    from psft_megatron.distributed.runtime import ParallelConfig, reinitialize_model_parallel
 
     tp2 = ParallelConfig(tensor_model_parallel_size=2)
     reinitialize_model_parallel(tp2)

@@ -160,7 +160,7 @@ def _run_once(tm, micros, fused: bool, agg_mode: str, seq_len: int):
     per-token values, hidden-state gradients, output-layer calls and parameter gradients."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from psft_megatron.checkpointing import unwrap
+    from psft_megatron.model.unwrap import unwrap
     from psft_megatron.losses import LossConfig, PSFTLoss
 
     loss = PSFTLoss(LossConfig(kind="psft", clip_eps_high=0.02, agg_mode=agg_mode, fused_output_layer=fused,
@@ -218,9 +218,9 @@ def _run_once(tm, micros, fused: bool, agg_mode: str, seq_len: int):
 def model_layouts(only=None):
     from megatron.core import parallel_state
 
-    from psft_megatron.checkpointing import save_checkpoint
+    from psft_megatron.checkpointing.dist_checkpoint import save_checkpoint
     from psft_megatron.model.builder import build_gpt_chunks
-    from psft_megatron.runtime import ParallelConfig, reinitialize_model_parallel
+    from psft_megatron.distributed.runtime import ParallelConfig, reinitialize_model_parallel
     from tests.parallel.parity_worker import (MICRO_BATCHES, MODELS, SEED, SEQ_LEN, Layout, build_layout,
                                               make_global_batches, microbatches_for_this_rank)
 
@@ -280,7 +280,7 @@ def model_layouts(only=None):
             entry["grad_params"] = max(_max_rel(fused_run["grads"][k], ref_run["grads"][k]) for k in ref_run["grads"])
             # the forward-only pass (old policy, SFT-KL reference) on unwrapped chunks, as the
             # trainer's frozen copies: fused vs unfused log-probs of the loss tokens
-            from psft_megatron.checkpointing import unwrap
+            from psft_megatron.model.unwrap import unwrap
             from psft_megatron.losses import LossConfig, PSFTLoss
             from psft_megatron.training.forward import attach_logprobs
 
@@ -327,7 +327,7 @@ def main() -> None:
     args = parser.parse_args()
     only = set(args.only.split(",")) if args.only else None
     torch.set_num_threads(1)
-    from psft_megatron.runtime import ParallelConfig, initialize
+    from psft_megatron.distributed.runtime import ParallelConfig, initialize
 
     initialize(ParallelConfig(), seed=1234)
     start = time.time()

@@ -60,7 +60,7 @@ def finish_worker() -> None:
 
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
-        from psft_megatron.runtime import shutdown
+        from psft_megatron.distributed.runtime import shutdown
 
         shutdown()
 

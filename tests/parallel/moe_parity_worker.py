@@ -61,10 +61,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
-from psft_megatron.checkpointing import load_checkpoint, save_checkpoint  # noqa: E402
+from psft_megatron.checkpointing.dist_checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from psft_megatron.model import ModelConfig  # noqa: E402
 from psft_megatron.model.builder import build_gpt_chunks  # noqa: E402
-from psft_megatron.runtime import ParallelConfig, initialize, reinitialize_model_parallel  # noqa: E402
+from psft_megatron.distributed.runtime import ParallelConfig, initialize, reinitialize_model_parallel  # noqa: E402
 from tests.parallel.parity_worker import TOLERANCE, compare, step_metrics  # noqa: E402,F401
 from tests.parallel.results import error_entry, load_diffs, write_results  # noqa: E402
 
@@ -194,7 +194,7 @@ def microbatches_for_this_rank(batch: Dict[str, torch.Tensor]) -> List[Dict[str,
     Global micro-batch j is rows [j * MICRO_BATCH, (j + 1) * MICRO_BATCH) at every layout."""
     from megatron.core import parallel_state
 
-    from psft_megatron.megatron_compat import get_batch_on_this_cp_rank
+    from psft_megatron.compat.releases import get_batch_on_this_cp_rank
 
     dp = parallel_state.get_data_parallel_world_size()
     per_rank = GLOBAL_BATCH // dp
@@ -500,7 +500,7 @@ def run_steps(tm, batches, steps, loss: dict, plant: Optional[str] = None) -> Di
     """Train ``steps`` (global step indices) at this layout; metrics as :func:`reference_run`
     (the eval pass after step STEPS - 1 when it is among ``steps``)."""
     from psft_megatron.losses import PSFTLoss
-    from psft_megatron.megatron_compat import clear_moe_router_losses
+    from psft_megatron.compat.releases import clear_moe_router_losses
     from psft_megatron.training.forward import attach_logprobs
     from psft_megatron.training.moe_metrics import MoEMetrics
     from psft_megatron.training.step import train_step

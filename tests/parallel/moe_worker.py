@@ -6,8 +6,8 @@ Run by tests/test_moe_fixes.py (4 processes)::
 
 A tiny Qwen3-MoE-like model (8 experts, top-2, QK-norm, GQA, fp32 router, aux loss with weight 1
 so that its gradient is visible) is saved once at TP=EP=1 and loaded at every layout. Each probe
-runs megatron's own code twice: with one fix (of :mod:`psft_megatron.moe_fixes`) or CPU patch
-(of :mod:`psft_megatron.cpu_compat`) reverted, and with everything in effect; a probe reports a
+runs megatron's own code twice: with one fix (of :mod:`psft_megatron.compat.moe_fixes`) or CPU patch
+(of :mod:`psft_megatron.compat.cpu`) reverted, and with everything in effect; a probe reports a
 bug when megatron raises or its result differs from the TP=EP=1 reference (every rank holds the
 same batch, so the reference is the same everywhere):
 
@@ -35,10 +35,10 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
-from psft_megatron import cpu_compat, moe_fixes  # noqa: E402
-from psft_megatron.megatron_compat import megatron_version  # noqa: E402
+from psft_megatron.compat import cpu as cpu_compat, moe_fixes  # noqa: E402
+from psft_megatron.compat.releases import megatron_version  # noqa: E402
 from psft_megatron.model import ModelConfig  # noqa: E402
-from psft_megatron.runtime import ParallelConfig, initialize, reinitialize_model_parallel  # noqa: E402
+from psft_megatron.distributed.runtime import ParallelConfig, initialize, reinitialize_model_parallel  # noqa: E402
 
 MODEL = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=96,
                     vocab_size=250, make_vocab_size_divisible_by=32, qk_layernorm=True, num_experts=8,
@@ -60,7 +60,7 @@ def _outcome(probe) -> dict:
 
 
 def _all_agree(flag: bool) -> bool:
-    from psft_megatron.runtime import all_reduce_values
+    from psft_megatron.distributed.runtime import all_reduce_values
 
     return bool(all_reduce_values([float(flag)], op="max")[0])
 
@@ -78,7 +78,7 @@ def build(parallel: ParallelConfig, ckpt: str = None, dispatcher: str = "alltoal
 
     from megatron.core.optimizer import OptimizerConfig
 
-    from psft_megatron.checkpointing import load_checkpoint
+    from psft_megatron.checkpointing.dist_checkpoint import load_checkpoint
     from psft_megatron.training.setup import setup_model_and_optimizer
 
     reinitialize_model_parallel(parallel, seed=1234)
@@ -106,7 +106,7 @@ def gradients(tm) -> dict:
     normalisation); the reduced ``main_grad`` of the routers and the full expert weights."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from psft_megatron.checkpointing import unwrap
+    from psft_megatron.model.unwrap import unwrap
     from psft_megatron.losses import LossConfig, PSFTLoss
     from psft_megatron.training.forward import make_train_forward_step
 
@@ -243,7 +243,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     initialize(ParallelConfig(), seed=1234)
-    from psft_megatron.checkpointing import save_checkpoint
+    from psft_megatron.checkpointing.dist_checkpoint import save_checkpoint
 
     workdir = [tempfile.mkdtemp(prefix="psft_moe_") if torch.distributed.get_rank() == 0 else None]
     torch.distributed.broadcast_object_list(workdir, src=0)

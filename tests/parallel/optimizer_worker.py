@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from megatron.core.optimizer import ChainedOptimizer, OptimizerConfig  # noqa: E402
 
 from psft_megatron.model import ModelConfig  # noqa: E402
-from psft_megatron.runtime import ParallelConfig, initialize  # noqa: E402
+from psft_megatron.distributed.runtime import ParallelConfig, initialize  # noqa: E402
 from psft_megatron.training.setup import setup_model_and_optimizer  # noqa: E402
 from psft_megatron.training.step import _guarded_optimizer_step  # noqa: E402
 from tests.parallel.launch import finish_worker  # noqa: E402

@@ -28,10 +28,10 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
-from psft_megatron.checkpointing import load_checkpoint, save_checkpoint  # noqa: E402
+from psft_megatron.checkpointing.dist_checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from psft_megatron.model import ModelConfig  # noqa: E402
 from psft_megatron.model.builder import build_gpt_chunks  # noqa: E402
-from psft_megatron.runtime import ParallelConfig, initialize, reinitialize_model_parallel  # noqa: E402
+from psft_megatron.distributed.runtime import ParallelConfig, initialize, reinitialize_model_parallel  # noqa: E402
 from tests.parallel.results import error_entry, load_diffs, write_results  # noqa: E402
 
 STEPS = 3
@@ -175,7 +175,7 @@ def microbatches_for_this_rank(batch: Dict[str, torch.Tensor]) -> List[Dict[str,
     """This DP rank's share of a global batch, cut into MICRO_BATCHES, CP-sliced."""
     from megatron.core import parallel_state
 
-    from psft_megatron.megatron_compat import get_batch_on_this_cp_rank
+    from psft_megatron.compat.releases import get_batch_on_this_cp_rank
 
     dp = parallel_state.get_data_parallel_world_size()
     dp_rank = parallel_state.get_data_parallel_rank()

@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 from psft_megatron.config import load_run_config  # noqa: E402
-from psft_megatron.training.checkpoints import CheckpointError  # noqa: E402
+from psft_megatron.checkpointing.manager import CheckpointError  # noqa: E402
 from psft_megatron.training.trainer import NonFiniteTrainingError, Trainer  # noqa: E402
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
@@ -68,7 +68,7 @@ def metrics_of(t):
 
 
 def main() -> None:
-    from psft_megatron.runtime import ParallelConfig, initialize
+    from psft_megatron.distributed.runtime import ParallelConfig, initialize
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)

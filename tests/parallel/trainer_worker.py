@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 from psft_megatron.config import load_run_config  # noqa: E402
-from psft_megatron.training.checkpoints import CheckpointManager  # noqa: E402
+from psft_megatron.checkpointing.manager import CheckpointManager  # noqa: E402
 from psft_megatron.training.trainer import Trainer  # noqa: E402
 from tests.parallel.launch import train_tiny  # noqa: E402
 

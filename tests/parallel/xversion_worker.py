@@ -6,7 +6,7 @@ Run by tests/test_cross_version_checkpoints.py, once per (release, mode), on 2 p
     torchrun --nproc_per_node 2 tests/parallel/xversion_worker.py --mode load --ckpt DIR --out r.json
 
 save: the parity suite's tiny fp32 model at DP=2 with the distributed optimizer (torch Adam)
-trains 3 steps, saves weights + optimizer state (psft_megatron.checkpointing), and continues 2
+trains 3 steps, saves weights + optimizer state (psft_megatron.checkpointing.dist_checkpoint), and continues 2
 steps: the saving release's own continuation. The batches are stored beside the checkpoint, so
 the loading side trains on exactly the same data.
 
@@ -27,9 +27,9 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
-from psft_megatron.checkpointing import load_checkpoint, save_checkpoint  # noqa: E402
-from psft_megatron.megatron_compat import megatron_version  # noqa: E402
-from psft_megatron.runtime import ParallelConfig, initialize  # noqa: E402
+from psft_megatron.checkpointing.dist_checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from psft_megatron.compat.releases import megatron_version  # noqa: E402
+from psft_megatron.distributed.runtime import ParallelConfig, initialize  # noqa: E402
 from tests.parallel.parity_worker import (  # noqa: E402
     STEPS, Layout, P, build_layout, make_global_batches, run_steps,
 )

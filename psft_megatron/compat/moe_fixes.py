@@ -1,10 +1,10 @@
 """Fixes for megatron-core's Mixture-of-Experts layers that bite on every device.
 
-Not CPU issues (those live in :mod:`psft_megatron.cpu_compat`): each of these breaks, or silently
+Not CPU issues (those live in :mod:`psft_megatron.compat.cpu`): each of these breaks, or silently
 changes, a GPU run too, so :func:`install` runs on every run (called by
-:func:`psft_megatron.runtime.initialize`, like :mod:`psft_megatron.distopt_fixes`). Each fix names
+:func:`psft_megatron.distributed.runtime.initialize`, like :mod:`psft_megatron.compat.distopt_fixes`). Each fix names
 the megatron-core releases that have the bug (a PEP 440 range, checked with
-:func:`psft_megatron.megatron_compat.version_in`) and applies only there;
+:func:`psft_megatron.compat.releases.version_in`) and applies only there;
 ``tests/test_moe_fixes.py`` shows each bug with its fix off. Checked on 0.16.1 and 0.19.2;
 0.17 and 0.18 were not available to check, and the ranges below assume the 0.19 code for them
 only where it says so.
@@ -42,7 +42,7 @@ import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List
 
-from psft_megatron.version_gated import PATCHES_OFF_ENV, GatedChange, Registry
+from psft_megatron.compat.registry import PATCHES_OFF_ENV, GatedChange, Registry
 
 __all__ = ["FIXES", "PATCHES_OFF_ENV", "Fix", "applied", "disabled", "install", "mark_expert_parameters"]
 

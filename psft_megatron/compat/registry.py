@@ -1,12 +1,12 @@
 """Version-gated changes to megatron-core: one entry, one registry, shared by the three modules
 that change megatron-core at run time.
 
-- :mod:`psft_megatron.cpu_compat` (CPU runs only: CUDA calls made to work on CPU and gloo),
-- :mod:`psft_megatron.distopt_fixes` (DistributedOptimizer checkpoint bugs, every device),
-- :mod:`psft_megatron.moe_fixes` (Mixture-of-Experts bugs, every device).
+- :mod:`psft_megatron.compat.cpu` (CPU runs only: CUDA calls made to work on CPU and gloo),
+- :mod:`psft_megatron.compat.distopt_fixes` (DistributedOptimizer checkpoint bugs, every device),
+- :mod:`psft_megatron.compat.moe_fixes` (Mixture-of-Experts bugs, every device).
 
 Each change (:class:`GatedChange`) names the megatron-core releases that need it as a PEP 440
-range, checked with :func:`psft_megatron.megatron_compat.version_in`, and knows how to apply
+range, checked with :func:`psft_megatron.compat.releases.version_in`, and knows how to apply
 and revert itself. A :class:`Registry` holds one module's changes: :meth:`Registry.install`
 applies those the installed release needs, once per process, except the names listed in
 ``$PSFT_PATCHES_OFF`` (comma-separated, tests and diagnostics only), and
@@ -44,7 +44,7 @@ class GatedChange:
 
     def needed(self) -> bool:
         """Whether the installed megatron-core release needs this change."""
-        from psft_megatron.megatron_compat import version_in
+        from psft_megatron.compat.releases import version_in
 
         return version_in(self.megatron)
 

@@ -4,7 +4,7 @@ Supported: megatron-core 0.16.1 to 0.19.x (``setup.py``). Each section below bri
 difference; callers use the function, never a version check. A bridge picks its branch by
 feature detection (the signature or attribute it needs) where that is possible, and by
 :func:`megatron_version` otherwise. The version-gated patches of megatron-core itself
-(:mod:`psft_megatron.cpu_compat`, :mod:`psft_megatron.distopt_fixes`) use
+(:mod:`psft_megatron.compat.cpu`, :mod:`psft_megatron.compat.distopt_fixes`) use
 :func:`version_in` to decide whether they apply.
 
 To add a bridge: a new section with its public function(s), a comment naming the releases on
@@ -30,6 +30,8 @@ import inspect
 from typing import Any, Callable, Dict
 
 import torch
+
+from psft_megatron.model.unwrap import unwrap
 
 
 # ============================================================================================
@@ -148,16 +150,9 @@ def write_legacy_common_state(ckpt_dir: str) -> bool:
 # off for the call (GPTModel then returns the final hidden states, exactly where the hook would
 # be called) and the callable is applied to them with the same keyword arguments.
 
-def _gpt_model(model):
-    """The GPTModel inside megatron's wrappers (DDP, Float16Module)."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model
-
-
 def has_output_processor(model) -> bool:
     """Whether this megatron-core's ``GPTModel.forward`` takes ``output_processor`` natively."""
-    return "output_processor" in inspect.signature(type(_gpt_model(model)).forward).parameters
+    return "output_processor" in inspect.signature(type(unwrap(model)).forward).parameters
 
 
 def forward_with_output_processor(model, input_ids: torch.Tensor, position_ids: torch.Tensor,
@@ -182,7 +177,7 @@ def forward_with_output_processor(model, input_ids: torch.Tensor, position_ids: 
         a Float16Module wrapper with ``fp32_output=True`` hands fp32 hidden states to the
         processor (0.19 hands them in the model's dtype); processors cast as they need.
     """
-    gpt = _gpt_model(model)
+    gpt = unwrap(model)
     if has_output_processor(model):
         return model(input_ids, position_ids, attention_mask, output_processor=output_processor,
                      output_processor_context=output_processor_context, **forward_kwargs)

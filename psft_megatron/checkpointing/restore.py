@@ -2,10 +2,10 @@
 
 Before distributed start, :func:`prepare_restore` checks that the path is an intact megatron
 checkpoint (an HF directory gets the converter command), and takes the architecture from the
-checkpoint's ``model.yaml`` (:mod:`psft_megatron.model_record`): the YAML needs no
+checkpoint's ``model.yaml`` (:mod:`psft_megatron.checkpointing.model_record`): the YAML needs no
 architecture keys, and one it sets must agree. The tokenizer recorded there is used when the
 YAML names none. The weights themselves load strictly after the model is built
-(:func:`psft_megatron.checkpointing.load_checkpoint`).
+(:func:`psft_megatron.checkpointing.dist_checkpoint.load_checkpoint`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import os
 from typing import Any, Dict, Optional
 
 from psft_megatron.errors import CheckpointError
-from psft_megatron.model_record import ModelRecord, merge_architecture, read_model_record
+from psft_megatron.checkpointing.model_record import ModelRecord, merge_architecture, read_model_record
 
 
 def prepare_restore(model_section, announce: bool = True) -> Optional[ModelRecord]:
@@ -26,7 +26,7 @@ def prepare_restore(model_section, announce: bool = True) -> Optional[ModelRecor
     Raises CheckpointError (path not a checkpoint, damaged) or ConfigError (a YAML
     architecture key that differs from the checkpoint's).
     """
-    from psft_megatron.checkpointing import damaged
+    from psft_megatron.checkpointing.dist_checkpoint import damaged
 
     path = model_section.restore_from_path
     if not path:
@@ -62,7 +62,7 @@ def describe_restore(path: str, record: Optional[ModelRecord], arch: Dict[str, A
 
 def record_for_save(model_cfg, tokenizer: Dict[str, Any], step: int, restored_from: Optional[str],
                     restored: Optional[ModelRecord]) -> Dict[str, Any]:
-    """Arguments of :func:`psft_megatron.model_record.write_model_record` for a training
+    """Arguments of :func:`psft_megatron.checkpointing.model_record.write_model_record` for a training
     checkpoint at ``step``: its model, its tokenizer (paths absolute) and its origin."""
     tok = dict(tokenizer or {})
     for key in ("model", "type"):

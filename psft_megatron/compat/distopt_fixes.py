@@ -4,8 +4,8 @@ These are bugs in megatron-core, not CPU issues: they bite any run that uses the
 optimizer with ``torch.optim.Adam``/``AdamW`` (no apex, no Transformer Engine fused Adam), on
 GPUs too. :func:`install` applies, once per process, the fixes the installed megatron-core
 release needs (:data:`FIXES`, each with the releases that have the bug: a PEP 440 range checked
-with :func:`psft_megatron.megatron_compat.version_in`); it is called by
-:func:`psft_megatron.runtime.initialize` on every run. Each bug was re-checked on 0.16.1 and
+with :func:`psft_megatron.compat.releases.version_in`); it is called by
+:func:`psft_megatron.distributed.runtime.initialize` on every run. Each bug was re-checked on 0.16.1 and
 0.19.2 (``tests/test_distopt_fixes.py`` shows it with the fix off on the releases that have it);
 none is fixed upstream as of 0.19.2, so every fix applies to the whole supported range.
 
@@ -40,7 +40,7 @@ import functools
 from dataclasses import dataclass
 from typing import Callable, Dict, List
 
-from psft_megatron.version_gated import PATCHES_OFF_ENV, GatedChange, Registry
+from psft_megatron.compat.registry import PATCHES_OFF_ENV, GatedChange, Registry
 
 #: metadata for ``DistributedOptimizer.sharded_state_dict`` so that the optimizer state can
 #: be loaded at another DP (and TP/PP) layout.

@@ -5,7 +5,7 @@ a checkpoint saved at one TP/PP/VPP/CP/DP layout loads at another. Model chunks 
 under ``model`` (one chunk) or ``model0``, ``model1``, ... (virtual pipeline stages), as
 Megatron-LM does; the keys inside are global layer numbers, so VPP may change between save
 and load. Distributed-optimizer state is saved ``fully_reshardable``
-(:data:`psft_megatron.distopt_fixes.DISTOPT_SAVE_METADATA`), which DP changes need; a plain
+(:data:`psft_megatron.compat.distopt_fixes.DISTOPT_SAVE_METADATA`), which DP changes need; a plain
 optimizer and a distributed optimizer checkpoint are not interchangeable.
 """
 
@@ -15,7 +15,8 @@ import os
 import re
 from typing import Any, Dict, List, Optional
 
-from psft_megatron.distopt_fixes import DISTOPT_SAVE_METADATA
+from psft_megatron.compat.distopt_fixes import DISTOPT_SAVE_METADATA
+from psft_megatron.model.unwrap import unwrap
 
 
 def _model_key(index: int, num_chunks: int) -> str:
@@ -28,13 +29,6 @@ def uses_distributed_optimizer(optimizer) -> bool:
 
     inner = getattr(optimizer, "chained_optimizers", [optimizer])
     return any(isinstance(opt, DistributedOptimizer) for opt in inner)
-
-
-def unwrap(module):
-    """The GPTModel inside megatron wrappers (DDP, Float16Module)."""
-    while hasattr(module, "module"):
-        module = module.module
-    return module
 
 
 PER_RANK_KEY = "per_rank_state"
@@ -79,7 +73,7 @@ def save_checkpoint(ckpt_dir: str, chunks: List, optimizer=None, common: Optiona
     """
     from megatron.core import dist_checkpointing
 
-    from psft_megatron.megatron_compat import write_legacy_common_state
+    from psft_megatron.compat.releases import write_legacy_common_state
 
     os.makedirs(ckpt_dir, exist_ok=True)
     dist_checkpointing.save(_sharded_state_dict(chunks, optimizer, False, common, per_rank), ckpt_dir)

@@ -45,7 +45,7 @@ def _fsync_dir(path: str) -> None:
 
 
 def _all_ok(ok: bool) -> bool:
-    from psft_megatron.runtime import all_reduce_values
+    from psft_megatron.distributed.runtime import all_reduce_values
 
     return all_reduce_values([not ok], op="max")[0] == 0.0
 
@@ -78,13 +78,13 @@ class CheckpointManager:
         """The checkpoint to resume from and, when it is not the one ``latest`` names, why.
 
         The checkpoint ``latest`` names is checked for damage (missing or truncated files,
-        :func:`psft_megatron.checkpointing.damaged`); so is ``latest`` itself. With
+        :func:`psft_megatron.checkpointing.dist_checkpoint.damaged`); so is ``latest`` itself. With
         ``fallback``, a damaged one is passed over for the newest intact older checkpoint;
         without it, a damaged one is a CheckpointError naming the file. Every rank reaches the
         same answer (it reads the same files). Returns (None, None) when there is nothing to
         resume from.
         """
-        from psft_megatron.checkpointing import damaged
+        from psft_megatron.checkpointing.dist_checkpoint import damaged
 
         try:
             latest = self.latest()
