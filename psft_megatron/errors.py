@@ -36,29 +36,3 @@ class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be written or read; the message names the path."""
 
     kind = "checkpoint"
-
-
-def on_rank0_then_all(fn):
-    """Run ``fn()`` on global rank 0 while the other ranks wait, then return on every rank.
-
-    A :class:`UserError` raised by ``fn`` on rank 0 is raised on every rank (same class, same
-    message), so no rank is left waiting at the barrier. Outside torch.distributed (or in a
-    world of one) this is ``fn()``. The value ``fn`` returns is rank 0's only.
-    """
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return fn()
-    error, value = None, None
-    if dist.get_rank() == 0:
-        try:
-            value = fn()
-        except UserError as exc:
-            error = exc
-    holder = [(type(error), str(error)) if error is not None else None]
-    dist.broadcast_object_list(holder, src=0)  # on the backend's device (torch picks it)
-    if holder[0] is not None:
-        cls, message = holder[0]
-        raise error if error is not None else cls(message)
-    return value
-

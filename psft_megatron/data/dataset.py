@@ -36,7 +36,7 @@ from psft_megatron.data.readers import iter_records
 from psft_megatron.data.conversation import to_conversation
 from psft_megatron.data.template import TemplateFormatter
 from psft_megatron.data.tokenizers import Tokenizer
-from psft_megatron.errors import on_rank0_then_all
+from psft_megatron.distributed.decisions import rank0_decides
 
 logger = logging.getLogger(__name__)
 
@@ -309,7 +309,7 @@ def _tokenize_on_rank0_first(data_cfg: DataConfig, tokenizer: Tokenizer, tok_cfg
 
     if not data_cfg.cache_dir or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
-    on_rank0_then_all(lambda: load_or_tokenize(data_cfg, tokenizer, tok_cfg))  # a data error: on every rank
+    rank0_decides(lambda: load_or_tokenize(data_cfg, tokenizer, tok_cfg), share_value=False)  # a data error: on every rank
 
 
 def _keep(ids, mask, stats: LengthStats):
