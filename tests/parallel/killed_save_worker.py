@@ -21,7 +21,7 @@ def main() -> None:
     args = parser.parse_args()
     os.chdir(REPO)
     from psft_megatron.config import load_run_config
-    from psft_megatron.training import checkpoints
+    from psft_megatron.checkpointing import manager as checkpoints
     from psft_megatron.training.trainer import Trainer
 
     if args.kill_during_save:
