@@ -18,8 +18,9 @@ from typing import Optional
 import torch
 
 from psft_megatron.ops.fused_linear_logprobs import RowSelection, fused_linear_logprobs
+from psft_megatron.ops.vocab_parallel_logprobs import vocab_parallel_logprobs
 
-__all__ = ["FusedLogprobProcessor", "LOGPROB", "ENTROPY"]
+__all__ = ["FusedLogprobProcessor", "LogitsLogprobProcessor", "LOGPROB", "ENTROPY"]
 
 #: positions in the last dimension of the processor's output
 LOGPROB, ENTROPY = 0, 1
@@ -66,3 +67,30 @@ class FusedLogprobProcessor:
                                     mask=self.rows, return_entropy=self.return_entropy, chunk_size=self.chunk_size)
         logp, ent = out if self.return_entropy else (out, torch.zeros_like(out))
         return torch.stack([logp, ent], dim=-1)
+
+
+class LogitsLogprobProcessor:
+    """Output processor: hidden states ``[s, b, h]`` -> the output layer's logits ``[s, b, V/tp]``
+    -> fp32 ``[b, s, 2]`` (log p of ``labels [b, s]``, entropy or 0), the same values as
+    :class:`FusedLogprobProcessor` with the logits materialised (megatron's output layer runs as
+    it would; :func:`psft_megatron.ops.vocab_parallel_logprobs` never copies them whole)."""
+
+    def __init__(self, labels: torch.Tensor, *, return_entropy: bool = True, chunk_size: Optional[int] = None,
+                 tp_group=None):
+        self.labels = labels
+        self.return_entropy = bool(return_entropy)
+        self.chunk_size = chunk_size
+        self.tp_group = tp_group
+
+    def __call__(self, *, hidden_states: torch.Tensor, output_layer, output_weight=None, config=None,
+                 **unused) -> torch.Tensor:
+        if config is not None and getattr(config, "use_mup", False):
+            raise NotImplementedError("log-prob output does not apply muP's logit scaling")
+        if hidden_states.shape[1] != self.labels.shape[0]:
+            raise ValueError(f"labels [b={self.labels.shape[0]}, s] do not match hidden states [s, b={hidden_states.shape[1]}, h]")
+        logits, _ = output_layer(hidden_states, weight=output_weight)  # [s, b, V/tp]
+        group = self.tp_group if self.tp_group is not None else getattr(output_layer, "tp_group", None)
+        out = vocab_parallel_logprobs(logits, self.labels.t(), tp_group=group,
+                                      return_entropy=self.return_entropy, chunk_size=self.chunk_size)
+        logp, ent = out if self.return_entropy else (out, torch.zeros_like(out))
+        return torch.stack([logp, ent], dim=-1).transpose(0, 1).contiguous()

@@ -285,16 +285,38 @@ class PSFTLoss:
         The loss kind is looked up in :data:`psft_megatron.losses.objectives.OBJECTIVES`: its
         function gives the per-token loss, which :func:`aggregate_loss` reduces."""
         cfg = self.config
-        objective = OBJECTIVES[cfg.kind]
         self._check_output(logits, labels)
+        want_h = cfg.compute_entropy or "entropy" in OBJECTIVES[cfg.kind].requires(cfg)
+        logp, entropy = self._logprobs_of(logits, labels, tp_group=tp_group, want_h=want_h)
+        return self.compute_from_logprobs(logp, entropy, loss_mask, old_logprobs=old_logprobs, ref=ref,
+                                          output=logits, seq_ids=seq_ids, cp_group=cp_group, tp_group=tp_group)
+
+    def compute_from_logprobs(
+        self,
+        logp: torch.Tensor,
+        entropy: Optional[torch.Tensor],
+        loss_mask: torch.Tensor,
+        *,
+        old_logprobs: Optional[torch.Tensor] = None,
+        ref: Optional[torch.Tensor] = None,
+        output: Optional[torch.Tensor] = None,
+        seq_ids: Optional[torch.Tensor] = None,
+        cp_group=None,
+        tp_group=None,
+    ) -> LossOutput:
+        """``(loss_sum, normaliser, metrics)`` from per-token values already computed: ``logp``
+        fp32 ``[b, s]`` (differentiable), ``entropy`` ``[b, s]`` or None; ``output`` is the model
+        output (needed only by kinds that require "logits"). See :meth:`loss_func`."""
+        cfg = self.config
+        objective = OBJECTIVES[cfg.kind]
         required = objective.requires(cfg)
         if "ref" in required and ref is None:  # checked here, not when binding: other stages bind no ref
             raise ValueError(f"loss.kind={cfg.kind!r} needs ref: reference log-probs [b, s] (k1/k3) or reference "
                              "logits [b, s, V/tp] (kl_estimator='full')")
-        want_h = cfg.compute_entropy or "entropy" in required
-        logp, entropy = self._logprobs_of(logits, labels, tp_group=tp_group, want_h=want_h)
+        if "entropy" in required and entropy is None:
+            raise ValueError(f"loss.kind={cfg.kind!r} needs the entropy of the current policy")
         result = objective.fn(TokenInputs(logp=logp, entropy=entropy, old_logprobs=old_logprobs, ref=ref,
-                                          output=logits, config=cfg, tp_group=tp_group))
+                                          output=output, config=cfg, tp_group=tp_group))
         mask = loss_mask != 0
         if seq_ids is not None:
             mask = mask & (seq_ids >= 0)
