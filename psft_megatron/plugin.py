@@ -22,6 +22,7 @@ Usage, shapes and the CPU layer for one's own loop: ``docs/plugin.md``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
@@ -267,6 +268,19 @@ def default_forward_step(data_iterator, model, *, loss_func: Callable = None):
     return output, (None if loss_func is None else functools.partial(loss_func, micro.get("loss_mask")))
 
 
+@contextlib.contextmanager
+def _evaluating(chunks):
+    """Every chunk in eval mode inside; each one's own mode restored after."""
+    modes = [chunk.training for chunk in chunks]
+    try:
+        for chunk in chunks:
+            chunk.eval()
+        yield
+    finally:
+        for chunk, mode in zip(chunks, modes):
+            chunk.train(mode)
+
+
 def collect_old_logprobs(model, data_iterator, num_microbatches: int, *, seq_length: int, micro_batch_size: int,
                          forward_step_func: Callable = default_forward_step,
                          decoder_seq_length: Optional[int] = None) -> Optional[List[torch.Tensor]]:
@@ -312,18 +326,11 @@ def collect_old_logprobs(model, data_iterator, num_microbatches: int, *, seq_len
 
         return output, collect
 
-    modes = [chunk.training for chunk in chunks]
-    for chunk in chunks:
-        chunk.eval()
-    try:
-        with torch.no_grad():
-            out = get_forward_backward_func()(
-                forward_step_func=collect_step, data_iterator=data_iterator, model=model,
-                num_microbatches=num_microbatches, seq_length=seq_length, micro_batch_size=micro_batch_size,
-                decoder_seq_length=decoder_seq_length, forward_only=True)
-    finally:
-        for chunk, mode in zip(chunks, modes):
-            chunk.train(mode)
+    with _evaluating(chunks), torch.no_grad():
+        out = get_forward_backward_func()(
+            forward_step_func=collect_step, data_iterator=data_iterator, model=model,
+            num_microbatches=num_microbatches, seq_length=seq_length, micro_batch_size=micro_batch_size,
+            decoder_seq_length=decoder_seq_length, forward_only=True)
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         return None
     return [item["logprobs"] for item in out]

@@ -54,7 +54,8 @@ def aggregate_loss(
     seq_ids: Optional[torch.Tensor] = None,
     cp_group=None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Reduce a per-token loss ``[b, s]`` to megatron's ``(loss_sum, normaliser)``.
+    """Reduce a per-token loss ``[b, s]`` to megatron's ``(loss_sum, normaliser)`` (over 60 lines
+    only by this docstring, which gives each mode's contract).
 
     Args:
         per_token: fp32 ``[b, s]`` per-token loss (masked positions may hold anything finite

@@ -514,6 +514,8 @@ def fused_linear_logprobs(
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Log-probability of ``labels`` (and the entropy) under ``hidden @ weight.T``, logits-free.
 
+    (Over 60 lines only by this docstring: the argument contract is the op's public API.)
+
     Args:
         hidden: GPTModel's final hidden states ``[s, b, h]`` (fp32, bf16 or fp16), the layout
             megatron's output layer receives. Without sequence parallelism every TP rank passes
