@@ -154,7 +154,8 @@ def collect_checks(workdir):
     (ref,) = build_gpt_chunks(cfg, cfg.to_transformer_config(ParallelConfig(), **dropout), "cpu")
     weights = os.path.join(workdir, "collect_weights")
     save_checkpoint(weights, [ref])
-    micros = loop.synthetic_batches(1, global_batch=4)[0]  # DP = 1 below: all rows, 2 micro-batches
+    rows = loop.progressions(torch.Generator().manual_seed(0), 4)  # the same 2 micro-batches on every rank
+    micros = [{k: v[i::2] for k, v in rows.items()} for i in range(2)]
     ref.eval()
     with torch.no_grad():
         want = [torch.log_softmax(ref(m["tokens"], m["position_ids"], None).float(), -1)
