@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -148,7 +149,7 @@ def collect_checks(workdir):
     from psft_megatron.plugin import PluginLoss, collect_old_logprobs, enable_logprob_output
     from psft_megatron.training.setup import setup_model_and_optimizer
 
-    cfg = loop.TINY
+    cfg = dataclasses.replace(loop.TINY, num_layers=4)  # PP=2 x VPP=2
     dropout = {"hidden_dropout": 0.1, "attention_dropout": 0.1}
     reinitialize_model_parallel(ParallelConfig(), 1234)
     (ref,) = build_gpt_chunks(cfg, cfg.to_transformer_config(ParallelConfig(), **dropout), "cpu")
