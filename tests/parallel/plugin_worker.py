@@ -175,7 +175,8 @@ def collect_checks(workdir):
         last = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
         entry = {"none_off_last_stage": got is None if not last else None,
                  "train_mode_restored": all(c.training for c in tm.chunks),
-                 "max_abs_diff": max((g - w).abs().max().item() for g, w in zip(got, want)) if last else None}
+                 "max_abs_diff": max(((g - w) * (m["loss_mask"] != 0)).abs().max().item()  # fused: 0 off the mask
+                                     for g, w, m in zip(got, want, micros)) if last else None}
         key = f"{name}{'_fused' if fused else ''}"
         out[key] = {k: everywhere(v) if k != "train_mode_restored" else v for k, v in entry.items()}
     # the ratio at a window start with dropout 0.1 (tp2 model above): old=None is exactly 1; old
