@@ -183,7 +183,7 @@ def make_fn(variant: str, tp_group):
         return lambda h, w, y, mask: vocab_parallel_logprobs(output_layer(h, w, tp_group), y, tp_group=tp_group,
                                                              return_entropy=True)[0]
     if variant in ("fused", "fused+mg"):
-        return lambda h, w, y, mask: fused_linear_logprobs(h, w, y, tp_group=tp_group, return_entropy=True)[0]
+        return lambda h, w, y, mask: fused_linear_logprobs(h, w, y, tp_group=tp_group, return_entropy=True, rows_match_labels=True)[0]
     if variant == "unfused/2":
 
         def fn(h, w, y, mask):
@@ -194,7 +194,7 @@ def make_fn(variant: str, tp_group):
 
         return fn
     if variant == "fused/2":
-        return lambda h, w, y, mask: fused_linear_logprobs(h, w, y, tp_group=tp_group, mask=mask,
+        return lambda h, w, y, mask: fused_linear_logprobs(h, w, y, tp_group=tp_group, mask=mask, rows_match_labels=True,
                                                            return_entropy=True)[0]
     raise ValueError(variant)
 

@@ -11,10 +11,16 @@ PP=2+VPP=2, fused vs unfused (training step and forward-only pass).
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
-from psft_megatron.ops import fused_linear_logprobs, vocab_parallel_logprobs
+from psft_megatron.ops import fused_linear_logprobs as fused_op
+from psft_megatron.ops import vocab_parallel_logprobs
+
+# the flat-row form: row i is labels[i] (the [s, b, h] form is tested on its own below)
+fused_linear_logprobs = functools.partial(fused_op, rows_match_labels=True)
 
 FP32_TOL = 1e-5  # values: absolute (nats); gradients: relative to the largest entry
 

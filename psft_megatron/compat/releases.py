@@ -157,7 +157,8 @@ def has_output_processor(model) -> bool:
 
 def forward_with_output_processor(model, input_ids: torch.Tensor, position_ids: torch.Tensor,
                                   attention_mask, *, output_processor: Callable[..., Any],
-                                  output_processor_context: Any = None, **forward_kwargs):
+                                  output_processor_context: Any = None, forward: Callable[..., Any] = None,
+                                  **forward_kwargs):
     """``model(input_ids, position_ids, attention_mask, **forward_kwargs)`` with
     ``output_processor`` in place of the output layer and the loss on the last stage.
 
@@ -169,6 +170,8 @@ def forward_with_output_processor(model, input_ids: torch.Tensor, position_ids: 
             labels, loss_mask, input_ids, position_ids, attention_mask, decoder_input,
             inference_context, packed_seq_params, runtime_gather_output,
             compute_language_model_loss, scale_logits)``; its result is the model's output.
+        forward: what runs the model (default ``model`` itself); e.g. the GPTModel's own
+            class ``forward``, bound, when called from inside an instance-level forward.
         forward_kwargs: other GPTModel.forward keywords (``packed_seq_params``, ...), and
             wrapper keywords (``fp32_output`` of Float16Module).
 
@@ -178,17 +181,18 @@ def forward_with_output_processor(model, input_ids: torch.Tensor, position_ids: 
         processor (0.19 hands them in the model's dtype); processors cast as they need.
     """
     gpt = unwrap(model)
+    run = model if forward is None else forward
     if has_output_processor(model):
-        return model(input_ids, position_ids, attention_mask, output_processor=output_processor,
-                     output_processor_context=output_processor_context, **forward_kwargs)
+        return run(input_ids, position_ids, attention_mask, output_processor=output_processor,
+                   output_processor_context=output_processor_context, **forward_kwargs)
     if not gpt.post_process:
-        return model(input_ids, position_ids, attention_mask, **forward_kwargs)
+        return run(input_ids, position_ids, attention_mask, **forward_kwargs)
     if getattr(gpt.config, "mtp_num_layers", None):
         raise NotImplementedError("an output processor with multi-token prediction needs megatron-core >= 0.19")
     output_weight = gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights else None
     gpt.post_process = False  # GPTModel returns the final (normed) hidden states [s, b, h]
     try:
-        hidden_states = model(input_ids, position_ids, attention_mask, **forward_kwargs)
+        hidden_states = run(input_ids, position_ids, attention_mask, **forward_kwargs)
     finally:
         gpt.post_process = True
     return output_processor(

@@ -11,10 +11,12 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
+from psft_megatron.losses.objectives import OBJECTIVES
+
 __all__ = ["LossConfig", "LOSS_KINDS", "KL_ESTIMATORS", "AGG_MODES"]
 
-#: supported objectives
-LOSS_KINDS = ("sft", "psft", "dft", "sft_kl")
+#: supported objectives: the kinds registered in psft_megatron.losses.objectives.OBJECTIVES
+LOSS_KINDS = tuple(OBJECTIVES)
 #: per-token KL estimators for ``kind='sft_kl'``
 KL_ESTIMATORS = ("k1", "k3", "full")
 #: aggregation of per-token losses into the optimised scalar
@@ -33,8 +35,10 @@ class LossConfig:
         kind: ``'sft'`` (cross-entropy), ``'psft'`` (clipped-ratio surrogate against an old
             policy), ``'dft'`` (probability-weighted cross-entropy), ``'sft_kl'``
             (cross-entropy plus ``kl_coef`` times a KL penalty to a reference policy).
-        clip_eps_low: PSFT lower clip ``1 - eps_low`` of the ratio. With advantage 1 it never
-            binds (kept for completeness and logging); must lie in ``[0, 1)``.
+        clip_eps_low: PPO's lower clip ``1 - eps_low`` of the ratio. PSFT's advantage is 1 on
+            every token, where ``min(r, clip(r, lo, hi)) = min(r, hi)``: this value changes NO
+            loss value, gradient or metric (docs/logprobs.md, "Objectives"). It is accepted, in
+            ``[0, 1)``, only so that PPO-style configs load; not logged.
         clip_eps_high: PSFT upper clip ``1 + eps_high``: tokens whose ratio exceeds it get
             zero gradient. ``>= 0``.
         log_ratio_clamp: ``logp - old_logp`` is clamped to ``[-c, c]`` before ``exp`` (> 0).
@@ -103,9 +107,9 @@ class LossConfig:
             raise ValueError(f"loss.compute_entropy={self.compute_entropy!r} must be true or false")
         if not isinstance(self.fused_output_layer, bool):
             raise ValueError(f"loss.fused_output_layer={self.fused_output_layer!r} must be true or false")
-        if self.fused_output_layer and self.kind == "sft_kl" and self.kl_estimator == "full":
-            raise ValueError("loss.fused_output_layer=true cannot be used with kl_estimator='full' "
-                             "(the full KL needs both models' logits); use k1 or k3")
+        if self.fused_output_layer and "logits" in OBJECTIVES[self.kind].requires(self):
+            raise ValueError(f"loss.fused_output_layer=true cannot be used with loss.kind={self.kind!r}, "
+                             f"kl_estimator={self.kl_estimator!r} (it needs both models' logits); use k1 or k3")
 
     @classmethod
     def from_dict(cls, d: Optional[Mapping[str, Any]]) -> "LossConfig":

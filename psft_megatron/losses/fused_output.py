@@ -17,9 +17,10 @@ from typing import Optional
 
 import torch
 
-from psft_megatron.ops import fused_linear_logprobs
+from psft_megatron.ops.fused_linear_logprobs import RowSelection, fused_linear_logprobs
+from psft_megatron.ops.vocab_parallel_logprobs import vocab_parallel_logprobs
 
-__all__ = ["FusedLogprobProcessor", "LOGPROB", "ENTROPY"]
+__all__ = ["FusedLogprobProcessor", "LogitsLogprobProcessor", "LOGPROB", "ENTROPY"]
 
 #: positions in the last dimension of the processor's output
 LOGPROB, ENTROPY = 0, 1
@@ -31,7 +32,9 @@ class FusedLogprobProcessor:
     Args:
         labels: int ``[b, s]`` global vocabulary ids (``s`` = the full local sequence; under
             sequence parallelism the hidden states hold ``s / tp`` of it).
-        mask: optional ``[b, s]``; rows with ``mask == 0`` are not projected.
+        mask: optional ``[b, s]``; rows with ``mask == 0`` are not projected. The rows are
+            selected here, when the processor is made before the model's forward: on CUDA their
+            count reaches the host without waiting for the decoder (``ops.RowSelection``).
         return_entropy: compute the entropy (else channel 1 is 0).
         chunk_size: rows per chunk of the op (``None``: its default).
         tp_group: the TP group (``None``: the output layer's).
@@ -42,7 +45,7 @@ class FusedLogprobProcessor:
         if mask is not None and tuple(mask.shape) != tuple(labels.shape):
             raise ValueError(f"mask shape {tuple(mask.shape)} must equal labels shape {tuple(labels.shape)}")
         self.labels = labels
-        self.mask = mask
+        self.rows = None if mask is None else RowSelection(mask)
         self.return_entropy = bool(return_entropy)
         self.chunk_size = chunk_size
         self.tp_group = tp_group
@@ -56,17 +59,38 @@ class FusedLogprobProcessor:
         weight = output_weight if output_weight is not None else output_layer.weight
         sequence_parallel = bool(getattr(output_layer, "sequence_parallel", False))
         group = self.tp_group if self.tp_group is not None else getattr(output_layer, "tp_group", None)
-        s_local, b, h = hidden_states.shape
-        b_lab, s = self.labels.shape
-        if b_lab != b:
-            raise ValueError(f"labels [b={b_lab}, s={s}] do not match hidden states [s, b={b}, h]")
-        rows = hidden_states.reshape(s_local * b, h)
-        if rows.dtype != weight.dtype:  # e.g. fp32 hidden states from Float16Module(fp32_output)
-            rows = rows.to(weight.dtype)
-        # megatron's rows are [s, b] flattened (sequence first); labels are [b, s]
-        labels = self.labels.t().reshape(-1)
-        mask = None if self.mask is None else self.mask.t().reshape(-1)
-        out = fused_linear_logprobs(rows, weight, labels, tp_group=group, sequence_parallel=sequence_parallel,
-                                    mask=mask, return_entropy=self.return_entropy, chunk_size=self.chunk_size)
+        if hidden_states.shape[1] != self.labels.shape[0]:
+            raise ValueError(f"labels [b={self.labels.shape[0]}, s] do not match hidden states [s, b={hidden_states.shape[1]}, h]")
+        if hidden_states.dtype != weight.dtype:  # e.g. fp32 hidden states from Float16Module(fp32_output)
+            hidden_states = hidden_states.to(weight.dtype)
+        out = fused_linear_logprobs(hidden_states, weight, self.labels, tp_group=group, sequence_parallel=sequence_parallel,
+                                    mask=self.rows, return_entropy=self.return_entropy, chunk_size=self.chunk_size)
         logp, ent = out if self.return_entropy else (out, torch.zeros_like(out))
-        return torch.stack([logp, ent], dim=-1).view(s, b, 2).transpose(0, 1).contiguous()
+        return torch.stack([logp, ent], dim=-1)
+
+
+class LogitsLogprobProcessor:
+    """Output processor: hidden states ``[s, b, h]`` -> the output layer's logits ``[s, b, V/tp]``
+    -> fp32 ``[b, s, 2]`` (log p of ``labels [b, s]``, entropy or 0), the same values as
+    :class:`FusedLogprobProcessor` with the logits materialised (megatron's output layer runs as
+    it would; :func:`psft_megatron.ops.vocab_parallel_logprobs` never copies them whole)."""
+
+    def __init__(self, labels: torch.Tensor, *, return_entropy: bool = True, chunk_size: Optional[int] = None,
+                 tp_group=None):
+        self.labels = labels
+        self.return_entropy = bool(return_entropy)
+        self.chunk_size = chunk_size
+        self.tp_group = tp_group
+
+    def __call__(self, *, hidden_states: torch.Tensor, output_layer, output_weight=None, config=None,
+                 **unused) -> torch.Tensor:
+        if config is not None and getattr(config, "use_mup", False):
+            raise NotImplementedError("log-prob output does not apply muP's logit scaling")
+        if hidden_states.shape[1] != self.labels.shape[0]:
+            raise ValueError(f"labels [b={self.labels.shape[0]}, s] do not match hidden states [s, b={hidden_states.shape[1]}, h]")
+        logits, _ = output_layer(hidden_states, weight=output_weight)  # [s, b, V/tp]
+        group = self.tp_group if self.tp_group is not None else getattr(output_layer, "tp_group", None)
+        out = vocab_parallel_logprobs(logits, self.labels.t(), tp_group=group,
+                                      return_entropy=self.return_entropy, chunk_size=self.chunk_size)
+        logp, ent = out if self.return_entropy else (out, torch.zeros_like(out))
+        return torch.stack([logp, ent], dim=-1).transpose(0, 1).contiguous()

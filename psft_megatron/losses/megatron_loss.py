@@ -28,14 +28,8 @@ import torch.distributed as dist
 
 from psft_megatron.losses.config import LossConfig
 from psft_megatron.losses.fused_output import ENTROPY, LOGPROB, FusedLogprobProcessor
-from psft_megatron.losses.objectives import (
-    dft_objective,
-    importance_ratio,
-    kl_term,
-    psft_objective,
-    sft_objective,
-)
-from psft_megatron.ops import vocab_parallel_kl, vocab_parallel_logprobs
+from psft_megatron.losses.objectives import OBJECTIVES, TokenInputs
+from psft_megatron.ops import vocab_parallel_logprobs
 from psft_megatron.distributed.groups import resolve_group
 
 __all__ = ["PSFTLoss", "reduce_loss_metrics", "aggregate_loss"]
@@ -60,7 +54,8 @@ def aggregate_loss(
     seq_ids: Optional[torch.Tensor] = None,
     cp_group=None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Reduce a per-token loss ``[b, s]`` to megatron's ``(loss_sum, normaliser)``.
+    """Reduce a per-token loss ``[b, s]`` to megatron's ``(loss_sum, normaliser)`` (over 60 lines
+    only by this docstring, which gives each mode's contract).
 
     Args:
         per_token: fp32 ``[b, s]`` per-token loss (masked positions may hold anything finite
@@ -113,6 +108,31 @@ def aggregate_loss(
     if cp_rank != 0:
         n_seq = torch.zeros_like(n_seq)  # each sequence counted once over the CP group
     return loss_sum, n_seq.to(torch.int)
+
+
+def _metrics(loss_sum, normaliser, logp, entropy, result, mask, agg_mode: str) -> Dict[str, torch.Tensor]:
+    """The micro-batch's metrics as fp32 ``[sum, count]`` pairs (``[max, 1]`` for maxima), see
+    docs/logprobs.md, "Metrics": ``loss`` (the optimised value), ``nll``, ``entropy``, the
+    objective's own values, ``num_tokens``; ``clip_frac`` is 0 for kinds that do not clip."""
+    n_tok = mask.to(torch.float32).sum()
+    zero = torch.zeros((), device=logp.device)
+
+    def msum(x: torch.Tensor) -> torch.Tensor:
+        return torch.where(mask, x.detach().float(), zero).sum()
+
+    # token-mean: the loss per token; the seq-mean modes: per sequence, as it is optimised
+    metrics = {"loss": _pair(loss_sum, n_tok if agg_mode == "token-mean" else normaliser),
+               "nll": _pair(msum(-logp), n_tok)}
+    if entropy is not None:
+        metrics["entropy"] = _pair(msum(entropy), n_tok)
+    for name, values in result.means.items():
+        metrics[name] = _pair(msum(values), n_tok)
+    metrics.setdefault("clip_frac", _pair(zero, n_tok))
+    for name, values in result.maxima.items():
+        top = torch.where(mask, values.detach().float(), zero).amax() if values.numel() else zero
+        metrics[name] = _pair(top, torch.ones((), device=logp.device))
+    metrics["num_tokens"] = _pair(n_tok, torch.ones((), device=logp.device))
+    return metrics
 
 
 class PSFTLoss:
@@ -261,89 +281,60 @@ class PSFTLoss:
         tp_group=None,
     ) -> LossOutput:
         """The body of :meth:`loss_func` (callable directly, e.g. in tests). ``logits``: the model
-        output (``[b, s, 2]`` from :meth:`model_forward` with ``fused_output_layer``)."""
-        cfg = self.config
-        if tuple(logits.shape[:-1]) != tuple(labels.shape):
-            raise ValueError(
-                f"logits shape {tuple(logits.shape)} does not match labels shape {tuple(labels.shape)}; "
-                "expected logits [b, s, V/tp] (GPTModel output without labels)"
-            )
-        logp, entropy = self._logprobs_of(logits, labels, tp_group=tp_group, want_h=cfg.compute_entropy)
+        output (``[b, s, 2]`` from :meth:`model_forward` with ``fused_output_layer``).
 
+        The loss kind is looked up in :data:`psft_megatron.losses.objectives.OBJECTIVES`: its
+        function gives the per-token loss, which :func:`aggregate_loss` reduces."""
+        cfg = self.config
+        self._check_output(logits, labels)
+        want_h = cfg.compute_entropy or "entropy" in OBJECTIVES[cfg.kind].requires(cfg)
+        logp, entropy = self._logprobs_of(logits, labels, tp_group=tp_group, want_h=want_h)
+        return self.compute_from_logprobs(logp, entropy, loss_mask, old_logprobs=old_logprobs, ref=ref,
+                                          output=logits, seq_ids=seq_ids, cp_group=cp_group, tp_group=tp_group)
+
+    def compute_from_logprobs(
+        self,
+        logp: torch.Tensor,
+        entropy: Optional[torch.Tensor],
+        loss_mask: torch.Tensor,
+        *,
+        old_logprobs: Optional[torch.Tensor] = None,
+        ref: Optional[torch.Tensor] = None,
+        output: Optional[torch.Tensor] = None,
+        seq_ids: Optional[torch.Tensor] = None,
+        cp_group=None,
+        tp_group=None,
+    ) -> LossOutput:
+        """``(loss_sum, normaliser, metrics)`` from per-token values already computed: ``logp``
+        fp32 ``[b, s]`` (differentiable), ``entropy`` ``[b, s]`` or None; ``output`` is the model
+        output (needed only by kinds that require "logits"). See :meth:`loss_func`."""
+        cfg = self.config
+        objective = OBJECTIVES[cfg.kind]
+        required = objective.requires(cfg)
+        if "ref" in required and ref is None:  # checked here, not when binding: other stages bind no ref
+            raise ValueError(f"loss.kind={cfg.kind!r} needs ref: reference log-probs [b, s] (k1/k3) or reference "
+                             "logits [b, s, V/tp] (kl_estimator='full')")
+        if "entropy" in required and entropy is None:
+            raise ValueError(f"loss.kind={cfg.kind!r} needs the entropy of the current policy")
+        result = objective.fn(TokenInputs(logp=logp, entropy=entropy, old_logprobs=old_logprobs, ref=ref,
+                                          output=output, config=cfg, tp_group=tp_group))
         mask = loss_mask != 0
         if seq_ids is not None:
             mask = mask & (seq_ids >= 0)
-        maskf = mask.to(torch.float32)
-        n_tok = maskf.sum()
+        loss_sum, normaliser = aggregate_loss(result.per_token, mask, cfg.agg_mode, seq_ids=seq_ids,
+                                              cp_group=cp_group)
+        return loss_sum, normaliser, _metrics(loss_sum, normaliser, logp, entropy, result, mask, cfg.agg_mode)
 
-        def msum(x: torch.Tensor) -> torch.Tensor:
-            return torch.where(mask, x.detach().float(), torch.zeros((), device=x.device)).sum()
-
-        metrics: Dict[str, torch.Tensor] = {}
-        ratio = None
-        kl = None
-        if cfg.kind == "sft":
-            per_token = sft_objective(logp)
-        elif cfg.kind == "dft":
-            per_token = dft_objective(logp)
-        elif cfg.kind == "psft":
-            old = None if old_logprobs is None else old_logprobs.to(torch.float32)
-            per_token = psft_objective(
-                logp,
-                old,
-                clip_eps_low=cfg.clip_eps_low,
-                clip_eps_high=cfg.clip_eps_high,
-                log_ratio_clamp=cfg.log_ratio_clamp,
-            )
-            with torch.no_grad():
-                ratio = importance_ratio(logp, old, cfg.log_ratio_clamp)
-        elif cfg.kind == "sft_kl":
-            if ref is None:  # checked here, not when binding: pipeline stages other than the last bind no ref
-                raise ValueError(
-                    "loss.kind='sft_kl' needs ref: reference log-probs [b, s] (k1/k3) or reference "
-                    "logits [b, s, V/tp] (kl_estimator='full')"
-                )
-            if cfg.kl_estimator == "full":
-                if tuple(ref.shape) != tuple(logits.shape):
-                    raise ValueError(
-                        f"kl_estimator='full' needs reference logits of shape {tuple(logits.shape)}, "
-                        f"got {tuple(ref.shape)}"
-                    )
-                kl = vocab_parallel_kl(logits, ref, tp_group=tp_group, chunk_size=cfg.chunk_size)
-            else:
-                kl = kl_term(logp, ref.to(torch.float32), kl_estimator=cfg.kl_estimator)
-            per_token = sft_objective(logp) + cfg.kl_coef * kl
-        else:  # pragma: no cover - LossConfig validates
-            raise ValueError(f"unknown loss kind {cfg.kind!r}")
-
-        loss_sum, normaliser = aggregate_loss(
-            per_token, mask, cfg.agg_mode, seq_ids=seq_ids, cp_group=cp_group
-        )
-
-        if cfg.agg_mode == "token-mean":
-            metrics["loss"] = _pair(loss_sum, n_tok)
-        else:
-            # same normalisation as what is optimised: sum over ranks / number of sequences
-            metrics["loss"] = _pair(loss_sum, normaliser)
-        metrics["nll"] = _pair(msum(-logp), n_tok)
-        if entropy is not None:
-            metrics["entropy"] = _pair(msum(entropy), n_tok)
-        if ratio is not None:
-            hi = 1.0 + cfg.clip_eps_high
-            metrics["clip_frac"] = _pair(msum((ratio > hi).float()), n_tok)
-            metrics["ratio_mean"] = _pair(msum(ratio), n_tok)
-            rmax = torch.where(mask, ratio, torch.zeros_like(ratio)).amax() if ratio.numel() else ratio.new_zeros(())
-            metrics["ratio_max"] = _pair(rmax, torch.ones((), device=ratio.device))
-            if old_logprobs is None:
-                metrics["approx_kl"] = _pair(torch.zeros((), device=logp.device), n_tok)
-            else:
-                metrics["approx_kl"] = _pair(msum(old_logprobs.float() - logp), n_tok)
-        else:
-            metrics["clip_frac"] = _pair(torch.zeros((), device=logp.device), n_tok)
-        if kl is not None:
-            metrics["kl"] = _pair(msum(kl), n_tok)
-        metrics["num_tokens"] = _pair(n_tok, torch.ones((), device=logp.device))
-        return loss_sum, normaliser, metrics
+    def _check_output(self, output: torch.Tensor, labels: torch.Tensor) -> None:
+        """The model output must be the logits ``[b, s, V/tp]`` (``[b, s, 2]`` when fused)."""
+        if tuple(output.shape) == tuple(labels.shape):
+            raise ValueError(
+                f"PSFTLoss got a per-token output {tuple(output.shape)} (GPTModel called with labels= returns "
+                "megatron's cross-entropy): it takes the logits [b, s, V/tp] of a call without labels; for "
+                "model(..., labels=labels) use psft_megatron.plugin (enable_logprob_output, PluginLoss)")
+        if tuple(output.shape[:-1]) != tuple(labels.shape):
+            raise ValueError(f"logits shape {tuple(output.shape)} does not match labels shape "
+                             f"{tuple(labels.shape)}; expected logits [b, s, V/tp]")
 
     # ----------------------------------------------------------------------------------------
     def logprob_func(

@@ -1,17 +1,30 @@
-"""Per-token objectives: pure functions on fp32 ``[...]`` tensors of log-probabilities.
+"""Per-token objectives: pure functions on fp32 ``[...]`` tensors of log-probabilities, and the
+table of loss kinds (:data:`OBJECTIVES`) the loss function dispatches on.
 
 Every function returns the per-token loss (to be MINIMISED), same shape as ``logp``; the
 masking and aggregation into a scalar happen in :mod:`psft_megatron.losses.megatron_loss`.
 Formulas and gradients: ``docs/logprobs.md``, section "Objectives".
+
+A loss kind is ONE entry of :data:`OBJECTIVES` (:func:`register_objective`): a function from
+the micro-batch's :class:`TokenInputs` to an :class:`ObjectiveResult` (the per-token loss and
+the per-token values it reports), and the inputs it needs beyond the log-probs ("ref",
+"entropy", "logits"; ``old_logprobs`` is always optional). ``LossConfig.kind`` accepts exactly
+the registered kinds.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, FrozenSet, Optional
 
 import torch
 
 __all__ = [
+    "TokenInputs",
+    "ObjectiveResult",
+    "Objective",
+    "OBJECTIVES",
+    "register_objective",
     "K3_CLAMP",
     "sft_objective",
     "dft_objective",
@@ -125,3 +138,109 @@ def kl_term(
     if kl_estimator == "k3":
         return kl_k3(logp, ref_logp)
     raise ValueError(f"kl_estimator={kl_estimator!r} is not one of k1, k3, full")
+
+
+# --------------------------------------------------------------------------------------------
+# the table of loss kinds
+# --------------------------------------------------------------------------------------------
+@dataclass
+class TokenInputs:
+    """What an objective may read for one micro-batch (``[b, s]`` fp32 unless noted).
+
+    Attributes:
+        logp: log p(label) under the current policy, differentiable.
+        entropy: the current policy's entropy (no gradient) or None (computed when the config's
+            ``compute_entropy`` is set or the objective requires "entropy").
+        old_logprobs: the old policy's log-probs, or None (= the current ones, detached).
+        ref: the reference policy's log-probs ``[b, s]``, or its logits ``[b, s, V/tp]`` when the
+            objective requires "logits" (``kl_estimator='full'``); None when not given.
+        output: the model output the loss was handed (the logits, or the per-token log-probs).
+        config: the :class:`psft_megatron.losses.LossConfig`.
+        tp_group: the tensor-parallel group (None: megatron's).
+    """
+
+    logp: torch.Tensor
+    entropy: Optional[torch.Tensor]
+    old_logprobs: Optional[torch.Tensor]
+    ref: Optional[torch.Tensor]
+    output: torch.Tensor
+    config: Any
+    tp_group: Any = None
+
+
+@dataclass
+class ObjectiveResult:
+    """An objective's per-token loss ``[b, s]`` and what it reports: ``means`` are per-token
+    values logged as token means (``clip_frac``, ``kl``...), ``maxima`` as maxima over the
+    step's loss tokens (``ratio_max``)."""
+
+    per_token: torch.Tensor
+    means: Dict[str, torch.Tensor] = field(default_factory=dict)
+    maxima: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Objective:
+    """One loss kind: ``fn(TokenInputs) -> ObjectiveResult`` and ``requires(config)``, the names
+    of the inputs it cannot do without: "ref" (a reference policy's log-probs or logits),
+    "entropy" (the current entropy), "logits" (the vocab-parallel logits themselves, so no
+    fused output layer)."""
+
+    kind: str
+    fn: Callable[[TokenInputs], ObjectiveResult]
+    requires: Callable[[Any], FrozenSet[str]]
+    summary: str
+
+
+#: kind -> Objective, in registration order
+OBJECTIVES: Dict[str, Objective] = {}
+
+
+def register_objective(kind: str, fn: Callable[[TokenInputs], ObjectiveResult], *, summary: str,
+                       requires: Callable[[Any], FrozenSet[str]] = lambda cfg: frozenset()) -> Objective:
+    """Add a loss kind to :data:`OBJECTIVES` (and so to ``LossConfig.kind``); returns its entry."""
+    if kind in OBJECTIVES:
+        raise ValueError(f"loss kind {kind!r} is already registered")
+    OBJECTIVES[kind] = Objective(kind, fn, requires, summary)
+    return OBJECTIVES[kind]
+
+
+def _sft(x: TokenInputs) -> ObjectiveResult:
+    return ObjectiveResult(sft_objective(x.logp))
+
+
+def _dft(x: TokenInputs) -> ObjectiveResult:
+    return ObjectiveResult(dft_objective(x.logp))
+
+
+def _psft(x: TokenInputs) -> ObjectiveResult:
+    cfg = x.config
+    old = None if x.old_logprobs is None else x.old_logprobs.to(torch.float32)
+    per_token = psft_objective(x.logp, old, clip_eps_low=cfg.clip_eps_low, clip_eps_high=cfg.clip_eps_high,
+                               log_ratio_clamp=cfg.log_ratio_clamp)
+    with torch.no_grad():
+        ratio = importance_ratio(x.logp, old, cfg.log_ratio_clamp)
+        approx_kl = torch.zeros_like(ratio) if old is None else old - x.logp
+    means = {"clip_frac": (ratio > 1.0 + cfg.clip_eps_high).float(), "ratio_mean": ratio, "approx_kl": approx_kl}
+    return ObjectiveResult(per_token, means=means, maxima={"ratio_max": ratio})
+
+
+def _sft_kl(x: TokenInputs) -> ObjectiveResult:
+    cfg = x.config
+    if cfg.kl_estimator == "full":
+        from psft_megatron.ops import vocab_parallel_kl
+
+        if tuple(x.ref.shape) != tuple(x.output.shape):
+            raise ValueError(f"kl_estimator='full' needs reference logits of shape {tuple(x.output.shape)}, "
+                             f"got {tuple(x.ref.shape)}")
+        kl = vocab_parallel_kl(x.output, x.ref, tp_group=x.tp_group, chunk_size=cfg.chunk_size)
+    else:
+        kl = kl_term(x.logp, x.ref.to(torch.float32), kl_estimator=cfg.kl_estimator)
+    return ObjectiveResult(sft_objective(x.logp) + cfg.kl_coef * kl, means={"kl": kl.detach()})
+
+
+register_objective("sft", _sft, summary="cross-entropy -logp")
+register_objective("psft", _psft, summary="-min(r, clip(r, 1 - eps_low, 1 + eps_high)), r = p / p_old")
+register_objective("dft", _dft, summary="-sg(p) * logp")
+register_objective("sft_kl", _sft_kl, summary="-logp + kl_coef * KL(pi || pi_ref)",
+                   requires=lambda cfg: frozenset({"ref", "logits"} if cfg.kl_estimator == "full" else {"ref"}))

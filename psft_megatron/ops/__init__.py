@@ -1,7 +1,7 @@
 """Vocab-parallel per-token ops: log-probs, entropy, full-vocabulary KL, and the same log-probs
 with the output layer fused in (no logits tensor); see docs/logprobs.md."""
 
-from psft_megatron.ops.fused_linear_logprobs import default_fused_tiles, fused_linear_logprobs
+from psft_megatron.ops.fused_linear_logprobs import RowSelection, default_fused_tiles, fused_linear_logprobs
 from psft_megatron.ops.vocab_parallel_logprobs import (
     default_chunk_size,
     vocab_parallel_kl,
@@ -14,4 +14,5 @@ __all__ = [
     "default_chunk_size",
     "fused_linear_logprobs",
     "default_fused_tiles",
+    "RowSelection",
 ]

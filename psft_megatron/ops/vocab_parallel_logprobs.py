@@ -28,9 +28,15 @@ from __future__ import annotations
 from typing import Optional, Tuple, Union
 
 import torch
-import torch.distributed as dist
 
-from psft_megatron.distributed.groups import resolve_group
+from psft_megatron.ops.softmax_stats import (
+    all_gather_stats,
+    local_softmax_stats,
+    merge_logsumexp,
+    merge_ranks,
+    resolve_tp_group,
+    shift_into,
+)
 
 __all__ = ["vocab_parallel_logprobs", "vocab_parallel_kl", "default_chunk_size"]
 
@@ -52,68 +58,6 @@ def default_chunk_size(num_tokens: int, vocab_per_rank: int, device: Union[str, 
     budget = _CHUNK_BYTES_CPU if torch.device(device).type == "cpu" else _CHUNK_BYTES_CUDA
     per_chunk = max(1, budget // (4 * max(1, vocab_per_rank)))
     return max(1, min(num_tokens, per_chunk))
-
-
-def _shift_into(out: torch.Tensor, z: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """``out[:] = float32(z) - shift[:, None]`` without touching ``z``; returns ``out``.
-
-    One fused kernel on accelerators; on CPU a dtype-converting copy followed by an in-place
-    subtraction is several times faster than a mixed-dtype subtraction.
-    """
-    if z.dtype == out.dtype or z.device.type != "cpu":
-        return torch.sub(z, shift.unsqueeze(1), out=out)
-    out.copy_(z)
-    return out.sub_(shift.unsqueeze(1))
-
-
-# --------------------------------------------------------------------------------------------
-# process-group helpers
-# --------------------------------------------------------------------------------------------
-def _resolve_tp_group(tp_group):
-    """``(group, rank, world_size)``: ``tp_group``, else megatron's TP group, else no TP."""
-    return resolve_group(tp_group, "tp")
-
-
-def _all_gather_stats(stats: torch.Tensor, group, world: int) -> torch.Tensor:
-    """All-gather a ``[N, k]`` fp32 tensor over ``group`` -> ``[world, N, k]`` (no autograd)."""
-    stats = stats.contiguous()
-    # the concatenated [world * N, k] output form is supported by NCCL and gloo alike
-    out = torch.empty((world * stats.shape[0],) + tuple(stats.shape[1:]), dtype=stats.dtype, device=stats.device)
-    _ALL_GATHER_SINGLE(out, stats, group=group)
-    return out.view((world,) + tuple(stats.shape))
-
-
-#: newer torch releases call all_gather_into_tensor (now a deprecated alias) all_gather_single
-_ALL_GATHER_SINGLE = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-
-
-# --------------------------------------------------------------------------------------------
-# local (per-rank) statistics and their merge
-# --------------------------------------------------------------------------------------------
-def _local_softmax_stats(z: torch.Tensor, want_t: bool, d: torch.Tensor, e: Optional[torch.Tensor]):
-    """For a chunk ``z`` [n, Vt] (any float dtype) return fp32 ``m, s, t`` of shape [n].
-
-    m = max_j z_j; s = sum_j exp(z_j - m); t = sum_j exp(z_j - m) * (z_j - m)  (t <= 0, and
-    |t| <= Vt/e: no cancellation, see docs/logprobs.md). ``t`` is None unless ``want_t``.
-    ``d`` and ``e`` are fp32 work buffers of z's shape (``e`` only needed for ``t``).
-    """
-    m = z.amax(dim=-1).float()
-    _shift_into(d, z, m)  # d = z - m in fp32; the input is untouched
-    if want_t:
-        torch.exp(d, out=e)
-        s = e.sum(dim=-1)
-        t = d.mul_(e).sum(dim=-1)  # d is a work buffer: in place
-        return m, s, t
-    s = d.exp_().sum(dim=-1)
-    return m, s, None
-
-
-def _merge_logsumexp(m: torch.Tensor, s: torch.Tensor):
-    """Merge per-rank ``m, s`` [R, N] -> (M [N], S [N], w [R, N]) with w_r = exp(m_r - M)."""
-    M = m.amax(dim=0)
-    w = torch.exp(m - M.unsqueeze(0))
-    S = (w * s).sum(dim=0)
-    return M, S, w
 
 
 class _VocabParallelLogprobs(torch.autograd.Function):
@@ -147,7 +91,7 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         e_buf = torch.empty_like(d_buf) if compute_entropy else None
         for a in range(0, n, cs):
             b = min(n, a + cs)
-            m, s_, t = _local_softmax_stats(
+            m, s_, t = local_softmax_stats(
                 z2[a:b], compute_entropy, d_buf[: b - a], None if e_buf is None else e_buf[: b - a]
             )
             stats[a:b, 0] = m
@@ -157,20 +101,9 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         del d_buf, e_buf
         stats[:, 2] = z_y
 
-        if world > 1:
-            allstats = _all_gather_stats(stats, tp_group, world)  # [R, N, k]
-        else:
-            allstats = stats.unsqueeze(0)
-        M, S, w = _merge_logsumexp(allstats[..., 0], allstats[..., 1])
-        log_s = torch.log(S)  # log Z = M + log S, kept as two terms (precision at large |z|)
-        z_y_full = allstats[..., 2].sum(dim=0)
-        logp = torch.where(valid, (z_y_full - M) - log_s, torch.zeros_like(M))
-        if compute_entropy:
-            # H = log S - (1/S) sum_r w_r (t_r + (m_r - M) s_r), every term <= 0 and bounded
-            m_rel = allstats[..., 0] - M.unsqueeze(0)
-            num = (w * (allstats[..., 3] + m_rel * allstats[..., 1])).sum(dim=0)
-            ent = log_s - num / S
-        else:
+        allstats = all_gather_stats(stats, tp_group, world) if world > 1 else stats.unsqueeze(0)  # [R, N, k]
+        logp, ent, M, S = merge_ranks(allstats, valid, compute_entropy)
+        if not compute_entropy:
             ent = torch.zeros_like(M)
             ctx.mark_non_differentiable(ent)
 
@@ -220,7 +153,7 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         for a in range(0, n, cs):
             b = min(n, a + cs)
             # d = z_j - M in fp32, written straight into the output when that is fp32
-            d = _shift_into(g2[a:b] if fp32_out else d_buf[: b - a], z2[a:b], M[a:b])
+            d = shift_into(g2[a:b] if fp32_out else d_buf[: b - a], z2[a:b], M[a:b])
             if coef_a is None:
                 d.exp_().mul_(coef_c[a:b].unsqueeze(1))
             else:
@@ -291,7 +224,7 @@ def vocab_parallel_logprobs(
     _check_inputs(logits, labels)
     if chunk_size is not None and int(chunk_size) <= 0:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size}")
-    group, rank, world = _resolve_tp_group(tp_group)
+    group, rank, world = resolve_tp_group(tp_group)
     logp, ent = _VocabParallelLogprobs.apply(
         logits, labels.long(), group, rank, world, bool(return_entropy), chunk_size
     )
@@ -329,11 +262,11 @@ class _VocabParallelKL(torch.autograd.Function):
             stats[a:b, 3] = mw
             stats[a:b, 4] = (w - mw.unsqueeze(1)).exp_().sum(dim=-1)
         if world > 1:
-            allstats = _all_gather_stats(stats, tp_group, world)
+            allstats = all_gather_stats(stats, tp_group, world)
         else:
             allstats = stats.unsqueeze(0)
-        Mz, Sz, wz = _merge_logsumexp(allstats[..., 0], allstats[..., 1])
-        Mw, Sw, _ = _merge_logsumexp(allstats[..., 3], allstats[..., 4])
+        Mz, Sz, wz = merge_logsumexp(allstats[..., 0], allstats[..., 1])
+        Mw, Sw, _ = merge_logsumexp(allstats[..., 3], allstats[..., 4])
         log_sz = torch.log(Sz)
         log_sw = torch.log(Sw)
         cross = (wz * allstats[..., 2]).sum(dim=0) / Sz  # E_p[z - w]
@@ -393,5 +326,5 @@ def vocab_parallel_kl(
         )
     if chunk_size is not None and int(chunk_size) <= 0:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size}")
-    group, _rank, world = _resolve_tp_group(tp_group)
+    group, _rank, world = resolve_tp_group(tp_group)
     return _VocabParallelKL.apply(logits, ref_logits.detach(), group, world, chunk_size)

@@ -95,7 +95,7 @@ def op_cases(only=None):
             vt, nl = v // tp, n // tp
             hx = (h[r * nl:(r + 1) * nl] if sp else h).clone().requires_grad_(True)
             wx = w[r * vt:(r + 1) * vt].clone().requires_grad_(True)
-            lp, ent = fused_linear_logprobs(hx, wx, y, tp_group=groups[tp], sequence_parallel=sp, mask=mask,
+            lp, ent = fused_linear_logprobs(hx, wx, y, tp_group=groups[tp], sequence_parallel=sp, mask=mask, rows_match_labels=True,
                                             return_entropy=True, chunk_size=rows, vocab_block_size=block)
             ((lp * g_lp).sum() + (ent * g_ent).sum()).backward()
             r_lp, r_ent, r_dh, r_dw = _reference(h, w, y, mask, g_lp, g_ent)
