@@ -162,3 +162,39 @@ def test_cli_reports_errors_with_exit_code_2(tmp_path, capsys):
     assert convert_megatron_to_hf.main(["--ckpt", str(tmp_path), "--out", str(tmp_path / "o2")]) == 2
     assert "pass --config" in capsys.readouterr().err
     assert convert_megatron_to_hf.parse_size("60KB") == 60 * 1024
+
+
+# ----------------------------------------------------------------------------- RoPE for transformers 4 and 5
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 8192}
+
+
+@pytest.mark.parametrize("family", ["llama3", "default"])
+def test_export_writes_rope_for_transformers_4_and_5(family):
+    """A generated config.json carries both spellings with the same values: transformers 4 reads
+    ``rope_theta`` / ``rope_scaling`` (its llama3 validation needs the four keys below), and
+    transformers 5's backward-compatible reading of a 4.x-only config gives the same
+    ``rope_parameters`` as the 5.x key written beside it."""
+    import transformers
+
+    config = LLAMA if family == "llama3" else dict(LLAMA, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+    cfg, _ = model_config_from_hf(config)
+    hf = hf_config_from_model(cfg)
+    theta = 500000.0 if family == "llama3" else 1e6
+    assert hf["rope_theta"] == theta and isinstance(hf["rope_theta"], float)
+    assert hf["rope_scaling"] == (LLAMA3_SCALING if family == "llama3" else None)
+    assert hf["rope_parameters"] == (dict(LLAMA3_SCALING, rope_theta=theta) if family == "llama3"
+                                     else {"rope_type": "default", "rope_theta": theta})
+    assert hf["torch_dtype"] == hf["dtype"] == "float32"
+    legacy = {k: v for k, v in hf.items() if k != "rope_parameters"}  # what a transformers 4 config class reads
+    for keys in (legacy, hf):
+        loaded = transformers.LlamaConfig.from_dict(json.loads(json.dumps(keys)))
+        assert {k: v for k, v in loaded.rope_parameters.items()} == hf["rope_parameters"], keys
+        assert model_config_from_hf(keys)[0] == cfg  # and the importer reads either spelling back
+
+
+def test_export_with_a_template_adds_the_missing_rope_spelling():
+    cfg, _ = model_config_from_hf(LLAMA)
+    hf = hf_config_from_model(cfg, template=LLAMA)  # the template has only rope_parameters (transformers 5)
+    assert hf["rope_theta"] == 500000.0 and hf["rope_scaling"] == LLAMA3_SCALING
+    assert hf["rope_parameters"] == dict(LLAMA3_SCALING, rope_theta=500000.0)
