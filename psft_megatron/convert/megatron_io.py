@@ -33,6 +33,16 @@ from psft_megatron.errors import CheckpointError
 from psft_megatron.model.config import ModelConfig
 
 
+def quiet_megatron() -> None:
+    """Import megatron-core with its notes about missing Transformer Engine / apex and its log
+    lines about its own deprecated internals dropped (the trainer's rule,
+    :func:`psft_megatron.compat.quiet_imports.quiet_megatron_import`): the converters run on the
+    CPU, and their output - one line for bad input - must not be buried under them."""
+    from psft_megatron.compat.quiet_imports import quiet_megatron_import
+
+    quiet_megatron_import(announce=False)
+
+
 def ensure_world_of_one(any_world: bool = False) -> None:
     """torch.distributed + megatron parallel state at TP=PP=1 in this process (a world of one).
 
@@ -42,6 +52,7 @@ def ensure_world_of_one(any_world: bool = False) -> None:
     Raises:
         ConversionError: this process already runs another layout.
     """
+    quiet_megatron()
     from megatron.core import parallel_state
 
     from psft_megatron.distributed.runtime import ParallelConfig, initialize
@@ -137,6 +148,7 @@ def write_checkpoint(cfg: ModelConfig, out_dir: str, tensor_fn: Callable[[str], 
             ``decoder.layers.3.mlp.linear_fc1.weight`` -> [2F, H]); called about once per
             tensor (twice for fc1: its gate and up halves are separate chunks).
     """
+    quiet_megatron()
     from megatron.core import dist_checkpointing
 
     sharded = meta_sharded_state_dict(cfg)
@@ -305,6 +317,7 @@ class CheckpointReader:
     """
 
     def __init__(self, cfg: ModelConfig, ckpt_dir: str):
+        quiet_megatron()
         import torch.distributed.checkpoint as dcp
         from megatron.core import dist_checkpointing
 
