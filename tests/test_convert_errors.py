@@ -215,7 +215,9 @@ def _trainer_dir_without_latest(tmp_path):
     (_trainer_dir_without_latest, "conversion error: --ckpt {p}: a trainer's checkpoints/ directory without a "
                                   "'latest' file (no save completed); name one of its checkpoints, e.g. --ckpt "
                                   "{p}/iter_0000010"),
-], ids=["missing", "file", "hf-directory", "no-metadata", "no-latest"])
+    (lambda t: (t / "run" / "checkpoints").mkdir(parents=True) or str(t / "run"),
+     "conversion error: --ckpt {p} is a training run's directory; pass its checkpoints: --ckpt {p}/checkpoints"),
+], ids=["missing", "file", "hf-directory", "no-metadata", "no-latest", "run-directory"])
 def test_export_names_what_the_path_is(tmp_path, capsys, make, expect):
     from tools import convert_megatron_to_hf
 

@@ -66,8 +66,8 @@ def checkpoint_to_export(path: str, log: Callable[[str], None], option: str = "-
     intact older one, with a note (:meth:`CheckpointManager.resume_point`).
 
     Raises:
-        ConversionError: ``path`` is missing, a file, or a checkpoints/ directory with nothing
-            complete in it.
+        ConversionError: ``path`` is missing, a file, a run directory (its ``checkpoints/`` is
+            named), or a checkpoints/ directory with nothing complete in it.
         CheckpointError: the checkpoint is damaged (the file is named), is a Hugging Face model
             directory, or is no checkpoint at all
             (:func:`~psft_megatron.checkpointing.dist_checkpoint.damaged`).
@@ -88,6 +88,9 @@ def checkpoint_to_export(path: str, log: Callable[[str], None], option: str = "-
         log(f"note: {_without_resume_wording(why)}: exporting the newest intact checkpoint, {chosen}" if why
             else f"using {chosen} (named by {os.path.join(path, 'latest')})")
         path = chosen
+    elif not os.path.isfile(os.path.join(path, "metadata.json")) and os.path.isdir(os.path.join(path, "checkpoints")):
+        raise ConversionError(f"{option} {path} is a training run's directory; pass its checkpoints: "
+                              f"{option} {os.path.join(path, 'checkpoints')}")
     problem = damaged(path)
     if problem:
         raise CheckpointError(f"{option} {problem}")
