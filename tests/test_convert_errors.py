@@ -227,6 +227,21 @@ def test_export_names_what_the_path_is(tmp_path, capsys, make, expect):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("option,expect", [
+    ("--config", "--config {p}: no such file"),
+    ("--hf-template", "--hf-template {p}: no such directory (expected an HF model directory with config.json)"),
+    ("--tokenizer", "--tokenizer {p}: a file, not a directory (expected a directory with Hugging Face tokenizer files)"),
+])
+def test_export_options_name_a_bad_path_first(tmp_path, capsys, option, expect):
+    from tools import convert_megatron_to_hf
+
+    path = str(tmp_path / "nope")
+    if option == "--tokenizer":
+        (tmp_path / "nope").write_text("")
+    assert convert_megatron_to_hf.main(["--ckpt", str(tmp_path), "--out", str(tmp_path / "out"), option, path]) == 2
+    assert one_line(capsys) == "conversion error: " + expect.format(p=path)
+
+
 @pytest.mark.parametrize("shards", [1, 3])
 def test_truncated_safetensors_names_the_file(tmp_path, capsys, shards):
     from tools import convert_hf_to_megatron

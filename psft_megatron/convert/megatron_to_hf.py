@@ -89,10 +89,6 @@ def _sources(ckpt_dir: str, record, hf_template: Optional[str], config: Optional
              tokenizer: Optional[str]) -> _Sources:
     """The template (``--hf-template``, else the checkpoint's or its origin's ``hf_config/``) and
     the tokenizer (``--tokenizer``, else the training YAML's, else the recorded one)."""
-    if hf_template is not None:
-        paths.existing_dir(hf_template, "--hf-template", "an HF model directory with config.json")
-    if tokenizer is not None:
-        paths.existing_dir(tokenizer, "--tokenizer", "a directory with Hugging Face tokenizer files")
     if hf_template is None and record is not None:
         hf_template = record.hf_config_dir
     if hf_template is None and os.path.isdir(os.path.join(ckpt_dir, HF_CONFIG_DIR)):
@@ -159,6 +155,16 @@ def _write_configs(cfg, src: _Sources, out_dir: str, hf: Dict[str, Any], ckpt_di
     return ids
 
 
+def _check_option_paths(config: Optional[str], hf_template: Optional[str], tokenizer: Optional[str]) -> None:
+    """The optional inputs exist (checked before the checkpoint is looked at)."""
+    if config is not None and not os.path.isfile(config):
+        raise ConversionError(f"--config {config}: no such file")
+    if hf_template is not None:
+        paths.existing_dir(hf_template, "--hf-template", "an HF model directory with config.json")
+    if tokenizer is not None:
+        paths.existing_dir(tokenizer, "--tokenizer", "a directory with Hugging Face tokenizer files")
+
+
 def convert_megatron_to_hf(
     ckpt_dir: str,
     out_dir: str,
@@ -191,8 +197,7 @@ def convert_megatron_to_hf(
         ConversionError, CheckpointError: bad input (named); nothing is left in or beside ``out_dir``.
     """
     start = time.time()
-    if config is not None and not os.path.isfile(config):
-        raise ConversionError(f"--config {config}: no such file")
+    _check_option_paths(config, hf_template, tokenizer)
     paths.check_output(out_dir)
     ckpt_dir = paths.checkpoint_to_export(ckpt_dir, log)
     cfg, record = _export_model_config(ckpt_dir, config, log)
