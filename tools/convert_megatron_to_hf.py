@@ -7,8 +7,10 @@
 Model config: --config (any YAML with a ``model:`` section, e.g. the training config) or
 C/model.yaml. HF config, generation config and tokenizer: --hf-template, else C/hf_config
 (written by convert_hf_to_megatron.py); --tokenizer or the training config's
-``model.tokenizer.model`` directory supply tokenizer files. Writes sharded safetensors with
-an index, vocab padding removed. Streaming: one layer at a time. See docs/convert.md.
+``model.tokenizer.model`` directory supply tokenizer files; the tokenizer gives the stop token
+ids (config.json, generation_config.json). Writes sharded safetensors with an index, vocab
+padding removed, into a directory beside D that is renamed to D at the end. Streaming: one
+layer at a time. Bad input: one line, exit status 2. See docs/convert.md.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ def parse_size(text: str) -> int:
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B?)\s*", text.upper())
     if not match:
         raise argparse.ArgumentTypeError(f"size {text!r}: use e.g. 500MB, 2GB or a byte count")
+    if float(match.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"size {text!r}: must be more than 0")
     unit = {"": 1, "B": 1, "K": 1024, "KB": 1024, "M": 1024**2, "MB": 1024**2, "G": 1024**3, "GB": 1024**3}[match.group(2)]
     return int(float(match.group(1)) * unit)
 
@@ -49,15 +53,16 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=None, help="also write the summary as JSON here")
     args = parser.parse_args(argv)
 
-    from psft_megatron.convert import ConversionError, convert_megatron_to_hf
+    from psft_megatron.convert import convert_megatron_to_hf
+    from psft_megatron.errors import UserError
 
     try:
         summary = convert_megatron_to_hf(
             args.ckpt, args.out, hf_template=args.hf_template, config=args.config, tokenizer=args.tokenizer,
             architecture=args.architecture, dtype=args.dtype, max_shard_bytes=args.max_shard_size, verify=args.verify,
         )
-    except ConversionError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except UserError as err:  # bad input: one line, no traceback
+        print(err.line(), file=sys.stderr)
         return 2
     if args.json:
         with open(args.json, "w") as f:

@@ -5,7 +5,10 @@
 
 Modules: ``hf_config`` (config.json <-> ModelConfig, validation), ``mapping`` (tensor names
 and layouts, both directions), ``hf_io`` (streaming safetensors), ``megatron_io`` (streaming
-dist-checkpoint write/read), ``verify`` (logits comparison). See docs/convert.md.
+dist-checkpoint write/read), ``generation`` (the stop token ids of an export), ``model_yaml``
+(a YAML's ``model:`` section), ``paths`` (what the input paths are; the output staged beside
+``--out``), ``verify`` (logits comparison). Bad input raises :class:`ConversionError` or
+:class:`psft_megatron.errors.CheckpointError` (both ``UserError``: one line). See docs/convert.md.
 """
 
 from psft_megatron.convert.errors import ConversionError

@@ -67,7 +67,11 @@ def rope_of(hf: Dict[str, Any]) -> Tuple[float, Optional[dict]]:
     scaling = hf.get("rope_scaling")
     if scaling:
         params.update(scaling)
-    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    for key, value in (("rope_theta", theta), ("factor", params.get("factor", 1.0))):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConversionError(f"config.json rope {key}={value!r} must be a number")
+    theta = float(theta)
     if theta != int(theta):
         raise ConversionError(f"rope_theta={theta} is not an integer; megatron's GPTModel takes an integer rotary_base")
     kind = params.get("rope_type", params.get("type", "default"))
@@ -98,42 +102,29 @@ def model_config_from_hf(
     """(ModelConfig, architecture) for an HF config.json dict.
 
     Raises:
-        ConversionError: unsupported architecture, activation, RoPE type or feature (named).
+        ConversionError: unsupported architecture, activation, RoPE type or feature, a missing
+            key or a value of the wrong kind (named).
     """
     arch = architecture_of(hf)
     if dtype not in _DTYPE_NAMES:
         raise ConversionError(f"dtype {dtype!r} is not one of bf16, fp32, fp16")
-    act = hf.get("hidden_act", "silu")
-    if act != "silu":
-        raise ConversionError(f"{arch} with hidden_act={act!r} is not supported (only silu / SwiGLU)")
-    if hf.get("mlp_bias"):
-        raise ConversionError(f"{arch} with mlp_bias=true is not supported (megatron: add_bias_linear=False)")
-    if arch in ("LlamaForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM") and hf.get("attention_bias"):
-        raise ConversionError(
-            f"{arch} with attention_bias=true is not supported (it also adds an o_proj bias; "
-            "only Qwen2-style q/k/v biases are)"
-        )
-    if hf.get("use_sliding_window"):
-        raise ConversionError(f"{arch} with use_sliding_window=true is not supported")
-    if hf.get("pretraining_tp", 1) not in (1, None):
-        raise ConversionError(f"{arch} with pretraining_tp={hf['pretraining_tp']} is not supported")
+    _check_features(hf, arch)
     theta, scaling = rope_of(hf)
-    heads = int(hf["num_attention_heads"])
-    hidden = int(hf["hidden_size"])
-    head_dim = hf.get("head_dim")
+    heads = _int(hf, "num_attention_heads", arch, 1)
+    hidden = _int(hf, "hidden_size", arch, 1)
     moe = moe_fields_from_hf(hf, arch) if arch in MOE_ARCHITECTURES else {}
     values = dict(
-        num_layers=int(hf["num_hidden_layers"]),
+        num_layers=_int(hf, "num_hidden_layers", arch, 1),
         hidden_size=hidden,
         num_attention_heads=heads,
-        ffn_hidden_size=int(hf["intermediate_size"]),
-        vocab_size=int(hf["vocab_size"]),
-        num_query_groups=int(hf.get("num_key_value_heads") or heads),
-        head_dim=int(head_dim) if head_dim else None,
-        max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+        ffn_hidden_size=_int(hf, "intermediate_size", arch, 1),
+        vocab_size=_int(hf, "vocab_size", arch, 1),
+        num_query_groups=_int(hf, "num_key_value_heads", arch, 1, heads),
+        head_dim=_int(hf, "head_dim", arch, 1, None),
+        max_position_embeddings=_int(hf, "max_position_embeddings", arch, 1, 4096),
         rotary_base=theta,
         rope_scaling=scaling,
-        norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
+        norm_epsilon=_float(hf, "rms_norm_eps", arch, 1e-6),
         add_qkv_bias=arch == "Qwen2ForCausalLM" or (arch == "Qwen2MoeForCausalLM" and bool(hf.get("qkv_bias", True))),
         qk_layernorm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
@@ -150,11 +141,46 @@ def model_config_from_hf(
     return cfg, arch
 
 
-def _int(hf: Dict[str, Any], key: str, arch: str, low: int, default: Any = None) -> int:
-    value = hf.get(key, default)
+def _check_features(hf: Dict[str, Any], arch: str) -> None:
+    """Refuse, by name, the config.json features megatron's GPTModel here does not compute."""
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        raise ConversionError(f"{arch} with hidden_act={act!r} is not supported (only silu / SwiGLU)")
+    if hf.get("mlp_bias"):
+        raise ConversionError(f"{arch} with mlp_bias=true is not supported (megatron: add_bias_linear=False)")
+    if arch in ("LlamaForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM") and hf.get("attention_bias"):
+        raise ConversionError(
+            f"{arch} with attention_bias=true is not supported (it also adds an o_proj bias; "
+            "only Qwen2-style q/k/v biases are)"
+        )
+    if hf.get("use_sliding_window"):
+        raise ConversionError(f"{arch} with use_sliding_window=true is not supported")
+    if hf.get("pretraining_tp", 1) not in (1, None):
+        raise ConversionError(f"{arch} with pretraining_tp={hf['pretraining_tp']} is not supported")
+
+
+_REQUIRED = object()
+
+
+def _int(hf: Dict[str, Any], key: str, arch: str, low: int, default: Any = _REQUIRED) -> Optional[int]:
+    """config.json ``key`` as an integer >= ``low``; ``default`` (which may be None) when it is
+    absent or null, and a ConversionError naming the key when there is no default."""
+    value = hf.get(key)
+    if value is None:
+        if default is _REQUIRED:
+            raise ConversionError(f"{arch}: config.json has no {key!r}" if key not in hf
+                                  else f"{arch}: config.json {key}=null must be an integer >= {low}")
+        return default
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ConversionError(f"{arch}: config.json {key}={value!r} must be an integer >= {low}")
     return value
+
+
+def _float(hf: Dict[str, Any], key: str, arch: str, default: float) -> float:
+    value = hf.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConversionError(f"{arch}: config.json {key}={value!r} must be a number")
+    return float(value)
 
 
 def moe_fields_from_hf(hf: Dict[str, Any], arch: str) -> Dict[str, Any]:
@@ -168,7 +194,7 @@ def moe_fields_from_hf(hf: Dict[str, Any], arch: str) -> Dict[str, Any]:
     """
     key = "num_experts" if "num_experts" in hf else "num_local_experts"
     experts = _int(hf, key, arch, 1)
-    layers = int(hf["num_hidden_layers"])
+    layers = _int(hf, "num_hidden_layers", arch, 1)
     step = _int(hf, "decoder_sparse_step", arch, 1, 1)
     only = hf.get("mlp_only_layers") or []
     if not isinstance(only, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in only):
@@ -236,74 +262,123 @@ def hf_config_from_model(
 ) -> Dict[str, Any]:
     """An HF config.json dict for ``cfg``: the template's, checked and updated, or a fresh one.
 
+    Both RoPE spellings are written (:func:`set_rope`), and the dtype as ``dtype`` (transformers
+    5) and ``torch_dtype`` (transformers 4).
+
     Raises:
-        ConversionError: the template's architecture differs from ``cfg`` (named fields).
+        ConversionError: the template's architecture differs from ``cfg`` (named fields), or
+            ``cfg`` cannot be expressed in the requested / inferred architecture.
     """
     if template is not None:
+        arch = _check_template(cfg, template)
         hf = copy.deepcopy(template)
-        arch = architecture_of(hf)
-        expect, _ = model_config_from_hf(hf, dtype=cfg.params_dtype,
-                                         make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by)
-        diffs = [f.name for f in dataclasses.fields(ModelConfig)
-                 if f.name not in _NOT_COMPARED and _comparable(expect, f.name) != _comparable(cfg, f.name)
-                 and not (f.name == "head_dim" and expect.kv_channels == cfg.kv_channels)]
-        if diffs:
-            raise ConversionError(
-                "the HF template's config.json does not match the checkpoint's model config: "
-                + ", ".join(f"{d}: template {getattr(expect, d)!r} vs checkpoint {getattr(cfg, d)!r}" for d in diffs)
-            )
     else:
-        arch = architecture or architecture_for(cfg)
-        if arch not in SUPPORTED_ARCHITECTURES:
-            raise ConversionError(f"architecture {arch!r} is not supported; supported: {_supported()}")
-        if arch == "Qwen2ForCausalLM" and (cfg.qk_layernorm or not cfg.add_qkv_bias):
-            raise ConversionError("Qwen2ForCausalLM needs add_qkv_bias=True and qk_layernorm=False")
-        if arch == "Qwen3ForCausalLM" and (cfg.add_qkv_bias or not cfg.qk_layernorm):
-            raise ConversionError("Qwen3ForCausalLM needs qk_layernorm=True and add_qkv_bias=False")
-        if arch == "LlamaForCausalLM" and (cfg.add_qkv_bias or cfg.qk_layernorm):
-            raise ConversionError("LlamaForCausalLM supports neither add_qkv_bias nor qk_layernorm")
-        _check_moe_architecture(cfg, arch)
-        rope = {"rope_type": "default", "rope_theta": float(cfg.rotary_base)}
-        if cfg.rope_scaling:
-            rope = dict(cfg.rope_scaling, rope_theta=float(cfg.rotary_base))
-        hf = {
-            "architectures": [arch],
-            "model_type": SUPPORTED_ARCHITECTURES[arch],
-            "hidden_act": "silu",
-            "hidden_size": cfg.hidden_size,
-            "intermediate_size": cfg.ffn_hidden_size,
-            "num_hidden_layers": cfg.num_layers,
-            "num_attention_heads": cfg.num_attention_heads,
-            "num_key_value_heads": cfg.num_query_groups or cfg.num_attention_heads,
-            "head_dim": cfg.kv_channels,
-            "max_position_embeddings": cfg.max_position_embeddings,
-            "rms_norm_eps": cfg.norm_epsilon,
-            "rope_parameters": rope,
-            "tie_word_embeddings": cfg.tie_word_embeddings,
-            "vocab_size": cfg.vocab_size,
-            "attention_dropout": 0.0,
-            "use_cache": True,
-        }
-        if arch == "LlamaForCausalLM":
-            hf.update(attention_bias=False, mlp_bias=False)
-        if arch in MOE_ARCHITECTURES:
-            hf.update(
-                num_experts=cfg.num_experts,
-                num_experts_per_tok=cfg.moe_router_topk,
-                moe_intermediate_size=cfg.moe_ffn_hidden_size,
-                norm_topk_prob=cfg.moe_norm_topk_prob,
-                decoder_sparse_step=1,
-                mlp_only_layers=sorted(cfg.moe_dense_layers or []),
-                router_aux_loss_coef=cfg.moe_aux_loss_coeff,
-                output_router_logits=False,
-                use_sliding_window=False,
-            )
-            if arch == "Qwen2MoeForCausalLM":
-                hf.update(shared_expert_intermediate_size=cfg.moe_shared_expert_intermediate_size,
-                          qkv_bias=cfg.add_qkv_bias)
-            else:
-                hf.update(attention_bias=False)
+        arch = _export_architecture(cfg, architecture)
+        hf = _fresh_hf_config(cfg, arch)
+    set_rope(hf, cfg)
     hf["architectures"] = [arch]
-    hf["dtype"] = cfg.params_dtype
-    hf.pop("torch_dtype", None)
+    set_dtype(hf, cfg.params_dtype)
     return hf
+
+
+def _check_template(cfg: ModelConfig, template: Dict[str, Any]) -> str:
+    """The template's architecture, after checking that it describes the same model as ``cfg``
+    (fields in :data:`_NOT_COMPARED` may differ)."""
+    arch = architecture_of(template)
+    expect, _ = model_config_from_hf(template, dtype=cfg.params_dtype,
+                                     make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by)
+    diffs = [f.name for f in dataclasses.fields(ModelConfig)
+             if f.name not in _NOT_COMPARED and _comparable(expect, f.name) != _comparable(cfg, f.name)
+             and not (f.name == "head_dim" and expect.kv_channels == cfg.kv_channels)]
+    if diffs:
+        raise ConversionError(
+            "the HF template's config.json does not match the checkpoint's model config: "
+            + ", ".join(f"{d}: template {getattr(expect, d)!r} vs checkpoint {getattr(cfg, d)!r}" for d in diffs)
+        )
+    return arch
+
+
+#: dense architectures -> (add_qkv_bias, qk_layernorm) they need
+_DENSE_ATTENTION = {"LlamaForCausalLM": (False, False), "Qwen2ForCausalLM": (True, False),
+                    "Qwen3ForCausalLM": (False, True)}
+
+
+def _export_architecture(cfg: ModelConfig, architecture: Optional[str]) -> str:
+    """``architecture`` (default :func:`architecture_for`), checked to be able to hold ``cfg``."""
+    arch = architecture or architecture_for(cfg)
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ConversionError(f"architecture {arch!r} is not supported; supported: {_supported()}")
+    if arch in _DENSE_ATTENTION and (cfg.add_qkv_bias, cfg.qk_layernorm) != _DENSE_ATTENTION[arch]:
+        bias, norm = _DENSE_ATTENTION[arch]
+        raise ConversionError(f"{arch} needs add_qkv_bias={bias} and qk_layernorm={norm}; the model has "
+                              f"add_qkv_bias={cfg.add_qkv_bias}, qk_layernorm={cfg.qk_layernorm}")
+    _check_moe_architecture(cfg, arch)
+    return arch
+
+
+def _fresh_hf_config(cfg: ModelConfig, arch: str) -> Dict[str, Any]:
+    """config.json of ``cfg`` as ``arch`` without a template: the keys transformers reads."""
+    hf = {
+        "architectures": [arch],
+        "model_type": SUPPORTED_ARCHITECTURES[arch],
+        "hidden_act": "silu",
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.ffn_hidden_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_query_groups or cfg.num_attention_heads,
+        "head_dim": cfg.kv_channels,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rms_norm_eps": cfg.norm_epsilon,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "vocab_size": cfg.vocab_size,
+        "attention_dropout": 0.0,
+        "use_cache": True,
+    }
+    if arch == "LlamaForCausalLM":
+        hf.update(attention_bias=False, mlp_bias=False)
+    if arch in MOE_ARCHITECTURES:
+        hf.update(_moe_hf_keys(cfg, arch))
+    return hf
+
+
+def _moe_hf_keys(cfg: ModelConfig, arch: str) -> Dict[str, Any]:
+    """The MoE keys of a fresh Qwen3-MoE / Qwen2-MoE config.json (dense layers as ``mlp_only_layers``)."""
+    keys = dict(
+        num_experts=cfg.num_experts,
+        num_experts_per_tok=cfg.moe_router_topk,
+        moe_intermediate_size=cfg.moe_ffn_hidden_size,
+        norm_topk_prob=cfg.moe_norm_topk_prob,
+        decoder_sparse_step=1,
+        mlp_only_layers=sorted(cfg.moe_dense_layers or []),
+        router_aux_loss_coef=cfg.moe_aux_loss_coeff,
+        output_router_logits=False,
+        use_sliding_window=False,
+    )
+    if arch == "Qwen2MoeForCausalLM":
+        keys.update(shared_expert_intermediate_size=cfg.moe_shared_expert_intermediate_size, qkv_bias=cfg.add_qkv_bias)
+    else:
+        keys.update(attention_bias=False)
+    return keys
+
+
+def set_rope(hf: Dict[str, Any], cfg: ModelConfig) -> None:
+    """Write ``cfg``'s RoPE into ``hf`` in both spellings, in place.
+
+    transformers 4 reads ``rope_theta`` and ``rope_scaling`` (None, or a dict with
+    ``rope_type`` and its parameters); transformers 5 reads ``rope_parameters`` (``rope_type``,
+    ``rope_theta`` and the parameters), and when a config also has a ``rope_scaling`` dict it
+    takes that instead, filling in ``rope_theta`` from the top-level key - so both readers see
+    the same values.
+    """
+    theta = float(cfg.rotary_base)
+    scaling = dict(cfg.rope_scaling) if cfg.rope_scaling else None
+    hf["rope_theta"] = theta
+    hf["rope_scaling"] = scaling
+    hf["rope_parameters"] = dict(scaling, rope_theta=theta) if scaling else {"rope_type": "default", "rope_theta": theta}
+
+
+def set_dtype(hf: Dict[str, Any], dtype: str) -> None:
+    """The weights' dtype name (``bfloat16``, ...) as transformers 5 (``dtype``) and 4
+    (``torch_dtype``) read it, in place."""
+    hf["dtype"] = hf["torch_dtype"] = dtype

@@ -28,32 +28,62 @@ TOKENIZER_FILES = (
 GENERATION_CONFIG = "generation_config.json"
 
 
+def read_json(path: str, what: str = "a JSON object") -> dict:
+    """The JSON object in ``path``.
+
+    Raises:
+        ConversionError: the file cannot be read, is not valid JSON (line and column named) or
+            holds something other than an object.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise ConversionError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConversionError(f"{path}: cannot be read ({type(exc).__name__}: {exc})") from None
+    if not isinstance(data, dict):
+        raise ConversionError(f"{path}: expected {what}, found a JSON {type(data).__name__}")
+    return data
+
+
 def read_config(hf_dir: str) -> dict:
+    """``<hf_dir>/config.json`` as a dict (ConversionError naming the file if absent or invalid)."""
     path = os.path.join(hf_dir, "config.json")
-    if not os.path.exists(path):
+    if not os.path.isfile(path):
         raise ConversionError(f"{hf_dir}: no config.json (not a Hugging Face model directory)")
-    with open(path) as f:
-        return json.load(f)
+    return read_json(path, "the model config (a JSON object)")
+
+
+def _safe_open(path: str):
+    """``safetensors.safe_open(path)``; a truncated or damaged file is a ConversionError naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(path, framework="pt")
+    except (SafetensorError, OSError) as exc:
+        reason = str(exc).replace("Error while deserializing header: ", "")
+        raise ConversionError(f"{path}: not a readable safetensors file ({reason}); it is truncated or damaged "
+                              "(copy or download it again)") from None
 
 
 class SafetensorsReader:
     """Tensors of an HF model directory by name (``model.safetensors`` or an index + shards)."""
 
     def __init__(self, hf_dir: str):
-        from safetensors import safe_open
-
         self.dir = hf_dir
-        self._safe_open = safe_open
         index = os.path.join(hf_dir, INDEX_NAME)
         if os.path.exists(index):
-            with open(index) as f:
-                self.weight_map: Dict[str, str] = dict(json.load(f)["weight_map"])
+            weight_map = read_json(index, "a safetensors index (a JSON object)").get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise ConversionError(f"{index}: no 'weight_map' object (tensor name -> shard file)")
+            self.weight_map: Dict[str, str] = dict(weight_map)
             self.source = INDEX_NAME
             for file in sorted(set(self.weight_map.values())):
                 if not os.path.exists(os.path.join(hf_dir, file)):
                     raise ConversionError(f"{hf_dir}: {INDEX_NAME} names {file}, which does not exist")
         elif os.path.exists(os.path.join(hf_dir, SINGLE_NAME)):
-            with safe_open(os.path.join(hf_dir, SINGLE_NAME), framework="pt") as f:
+            with _safe_open(os.path.join(hf_dir, SINGLE_NAME)) as f:
                 self.weight_map = {name: SINGLE_NAME for name in f.keys()}
             self.source = SINGLE_NAME
         else:
@@ -79,7 +109,7 @@ class SafetensorsReader:
             for name, file in self.weight_map.items():
                 by_file.setdefault(file, []).append(name)
             for file, names in by_file.items():
-                with self._safe_open(os.path.join(self.dir, file), framework="pt") as f:
+                with _safe_open(os.path.join(self.dir, file)) as f:
                     present = set(f.keys())
                     for name in names:
                         if name not in present:
@@ -94,7 +124,7 @@ class SafetensorsReader:
     def get(self, name: str) -> torch.Tensor:
         """One tensor (a copy, the file is closed again)."""
         file = os.path.join(self.dir, self.file_of(name))
-        with self._safe_open(file, framework="pt") as f:
+        with _safe_open(file) as f:
             if name not in f.keys():
                 raise ConversionError(f"tensor {name!r} is missing from {file}")
             return f.get_tensor(name)

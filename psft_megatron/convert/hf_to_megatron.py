@@ -10,7 +10,6 @@ Output directory ``out``::
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -18,14 +17,18 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from psft_megatron.convert import hf_io, mapping
+from psft_megatron.checkpointing.model_record import HF_CONFIG_DIR, MODEL_YAML, write_model_record  # noqa: F401
+from psft_megatron.convert import hf_io, mapping, paths
 from psft_megatron.convert.errors import ConversionError
 from psft_megatron.convert.hf_config import model_config_from_hf
+from psft_megatron.convert.model_yaml import model_config_from_values, model_yaml_values, read_model_yaml  # noqa: F401
 from psft_megatron.model.config import ModelConfig
 
-from psft_megatron.checkpointing.model_record import HF_CONFIG_DIR, MODEL_YAML, write_model_record  # noqa: F401 (re-exported)
-
+#: how a directory was converted: in a converted checkpoint's hf_config/ (the HF source, its
+#: tensor names, whether it shipped lm_head.weight) and in an exported HF directory (the
+#: checkpoint, its vocab padding multiple, whether lm_head.weight was written, the stop ids)
 CONVERSION_JSON = "conversion.json"
+DEFAULT_VOCAB_MULTIPLE = 128
 _HF_DTYPES = {"bfloat16": "bfloat16", "float32": "float32", "float16": "float16"}
 
 
@@ -85,46 +88,27 @@ def write_model_yaml(cfg: ModelConfig, ckpt_dir: str, hf_dir: Optional[str] = No
                        header="Model written by tools/convert_hf_to_megatron.py" + (f" from {hf_dir}" if hf_dir else ""))
 
 
-def model_yaml_values(path: str) -> Dict[str, Any]:
-    """The ModelConfig fields set in a YAML file's top-level ``model:`` section.
+def vocab_multiple(hf_dir: str, requested: Optional[int], log) -> int:
+    """The vocab padding multiple: ``requested`` (``--make-vocab-size-divisible-by``), else the
+    one recorded in ``<hf_dir>/conversion.json`` by an export (so that HF -> Megatron -> HF ->
+    Megatron keeps the training YAML's value), else 128.
 
-    Keys of ``model:`` that are not ModelConfig fields (``tokenizer``, ``data``, the parallel
-    layout, ... of a training config) are ignored; NeMo spellings of the architecture keys
-    (``layernorm_epsilon``, ``kv_channels``, ...) are accepted as the trainer accepts them.
+    Raises:
+        ConversionError: ``requested`` (or the recorded value) is not a positive integer.
     """
-    import yaml
-
-    try:
-        from psft_megatron.config.schema import MODEL_KEY_ALIASES
-    except ImportError:  # the training config package is optional here
-        MODEL_KEY_ALIASES = {}
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
-    if not isinstance(data.get("model"), dict):
-        raise ConversionError(f"{path}: no top-level 'model:' section")
-    fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    values = {}
-    for key, value in data["model"].items():
-        name = MODEL_KEY_ALIASES.get(key, key)
-        if name in fields:
-            values[name] = value
-    return values
-
-
-def model_config_from_values(values: Dict[str, Any], where: str) -> ModelConfig:
-    """ModelConfig from plain values; a missing or bad key is a ConversionError naming ``where``."""
-    missing = ModelConfig.missing_keys(values)
-    if missing:
-        raise ConversionError(f"{where}: the model config lacks {', '.join('model.' + k for k in missing)}")
-    try:
-        return ModelConfig.from_dict(values)
-    except ValueError as exc:
-        raise ConversionError(f"{where}: {exc}") from None
-
-
-def read_model_yaml(path: str) -> ModelConfig:
-    """ModelConfig from a YAML file with a top-level ``model:`` section (see :func:`model_yaml_values`)."""
-    return model_config_from_values(model_yaml_values(path), path)
+    where = "--make-vocab-size-divisible-by"
+    value = requested
+    if value is None:
+        record = os.path.join(hf_dir, CONVERSION_JSON)
+        value = hf_io.read_json(record).get("make_vocab_size_divisible_by") if os.path.isfile(record) else None
+        if value is not None:
+            where = f"{record}: make_vocab_size_divisible_by"
+            log(f"note: vocab padding multiple {value} from {record} (the checkpoint this model was exported from)")
+    value = DEFAULT_VOCAB_MULTIPLE if value is None else value
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConversionError(f"{where} {value!r}: must be a positive integer (megatron pads the vocab to a "
+                              "multiple of it times TP; Megatron-LM's default is 128)")
+    return value
 
 
 def convert_hf_to_megatron(
@@ -132,45 +116,40 @@ def convert_hf_to_megatron(
     out_dir: str,
     *,
     dtype: Optional[str] = None,
-    make_vocab_size_divisible_by: int = 128,
+    make_vocab_size_divisible_by: Optional[int] = None,
     verify: bool = False,
     log=print,
 ) -> Dict[str, Any]:
     """Convert ``hf_dir`` into a megatron checkpoint in ``out_dir`` (see the module doc).
 
+    The checkpoint is written into a hidden directory beside ``out_dir`` and renamed to it at
+    the end (:func:`psft_megatron.convert.paths.staged_output`): a failed run leaves nothing.
+
     Args:
         dtype: "bf16" | "fp32" | "fp16" (or the long names); default the HF config's dtype.
-        make_vocab_size_divisible_by: vocab padding multiple (times TP), stored in the YAML.
-            The checkpoint holds the TP=1 padding; megatron loads the embedding / output layer
-            with ``allow_shape_mismatch`` (zero rows past the stored ones), so it loads at any TP.
+        make_vocab_size_divisible_by: vocab padding multiple (times TP), stored in the YAML;
+            default :func:`vocab_multiple`. The checkpoint holds the TP=1 padding; megatron
+            loads the embedding / output layer with ``allow_shape_mismatch`` (zero rows past the
+            stored ones), so it loads at any TP.
         verify: run :func:`psft_megatron.convert.verify.verify` afterwards.
     Returns:
         summary: architecture, model config, seconds, padded vocab, TP sizes it loads at, verify numbers.
+    Raises:
+        ConversionError: bad input (named); nothing is written.
     """
     start = time.time()
+    paths.hf_model_dir(hf_dir)
+    paths.check_output(out_dir)
+    multiple = vocab_multiple(hf_dir, make_vocab_size_divisible_by, log)
     hf = hf_io.read_config(hf_dir)
-    cfg, arch = model_config_from_hf(hf, dtype=dtype or _default_dtype(hf),
-                                     make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+    try:
+        cfg, arch = model_config_from_hf(hf, dtype=dtype or _default_dtype(hf), make_vocab_size_divisible_by=multiple)
+    except ConversionError as exc:
+        raise ConversionError(f"{os.path.join(hf_dir, 'config.json')}: {exc}") from None
     reader = hf_io.SafetensorsReader(hf_dir)
     has_lm_head = check_tensors(reader, cfg)
-    if os.path.isdir(out_dir) and os.listdir(out_dir):
-        raise ConversionError(f"{out_dir}: output directory is not empty")
-
-    from psft_megatron.convert import megatron_io
-
-    rules = {rule.megatron: rule for rule in mapping.all_rules(cfg)}
-    dtype_t = cfg.torch_dtype
-
-    def tensor_fn(name: str) -> torch.Tensor:
-        return mapping.hf_to_megatron(rules[name], reader.get, cfg).to(dtype_t)
-
-    megatron_io.write_checkpoint(cfg, out_dir, tensor_fn)
-    side = os.path.join(out_dir, HF_CONFIG_DIR)
-    copied = hf_io.copy_side_files(hf_dir, side, hf_io.TOKENIZER_FILES + (hf_io.GENERATION_CONFIG, "config.json"))
-    write_model_yaml(cfg, out_dir, hf_dir, tokenizer=bool(set(copied) & set(hf_io.TOKENIZER_FILES)))
-    with open(os.path.join(side, CONVERSION_JSON), "w") as f:
-        json.dump({"architecture": arch, "source": os.path.abspath(hf_dir), "has_lm_head": has_lm_head,
-                   "hf_tensors": sorted(reader.names()), "side_files": copied}, f, indent=2)
+    with paths.staged_output(out_dir) as staging:
+        _write(cfg, arch, reader, has_lm_head, hf_dir, staging)
     p1 = cfg.padded_vocab_size(1)
     summary = {
         "architecture": arch, "out": out_dir, "params_dtype": cfg.params_dtype, "padded_vocab": p1,
@@ -185,3 +164,22 @@ def convert_hf_to_megatron(
         summary["verify"] = run_verify(cfg, hf_dir, out_dir)
         log("verify: max |logit diff| {max_abs_diff:.3g}, argmax agreement {argmax_agreement:.4f}".format(**summary["verify"]))
     return summary
+
+
+def _write(cfg: ModelConfig, arch: str, reader: hf_io.SafetensorsReader, has_lm_head: bool, hf_dir: str,
+           out_dir: str) -> None:
+    """The megatron checkpoint, ``model.yaml`` and ``hf_config/`` of the validated HF model, into ``out_dir``."""
+    from psft_megatron.convert import megatron_io
+
+    rules = {rule.megatron: rule for rule in mapping.all_rules(cfg)}
+
+    def tensor_fn(name: str) -> torch.Tensor:
+        return mapping.hf_to_megatron(rules[name], reader.get, cfg).to(cfg.torch_dtype)
+
+    megatron_io.write_checkpoint(cfg, out_dir, tensor_fn)
+    side = os.path.join(out_dir, HF_CONFIG_DIR)
+    copied = hf_io.copy_side_files(hf_dir, side, hf_io.TOKENIZER_FILES + (hf_io.GENERATION_CONFIG, "config.json"))
+    write_model_yaml(cfg, out_dir, hf_dir, tokenizer=bool(set(copied) & set(hf_io.TOKENIZER_FILES)))
+    with open(os.path.join(side, CONVERSION_JSON), "w") as f:
+        json.dump({"architecture": arch, "source": os.path.abspath(hf_dir), "has_lm_head": has_lm_head,
+                   "hf_tensors": sorted(reader.names()), "side_files": copied}, f, indent=2)

@@ -29,7 +29,18 @@ from typing import Callable, Dict, Iterable, Optional, Tuple
 import torch
 
 from psft_megatron.convert.errors import ConversionError
+from psft_megatron.errors import CheckpointError
 from psft_megatron.model.config import ModelConfig
+
+
+def quiet_megatron() -> None:
+    """Import megatron-core with its notes about missing Transformer Engine / apex and its log
+    lines about its own deprecated internals dropped (the trainer's rule,
+    :func:`psft_megatron.compat.quiet_imports.quiet_megatron_import`): the converters run on the
+    CPU, and their output - one line for bad input - must not be buried under them."""
+    from psft_megatron.compat.quiet_imports import quiet_megatron_import
+
+    quiet_megatron_import(announce=False)
 
 
 def ensure_world_of_one(any_world: bool = False) -> None:
@@ -41,6 +52,7 @@ def ensure_world_of_one(any_world: bool = False) -> None:
     Raises:
         ConversionError: this process already runs another layout.
     """
+    quiet_megatron()
     from megatron.core import parallel_state
 
     from psft_megatron.distributed.runtime import ParallelConfig, initialize
@@ -136,6 +148,7 @@ def write_checkpoint(cfg: ModelConfig, out_dir: str, tensor_fn: Callable[[str], 
             ``decoder.layers.3.mlp.linear_fc1.weight`` -> [2F, H]); called about once per
             tensor (twice for fc1: its gate and up halves are separate chunks).
     """
+    quiet_megatron()
     from megatron.core import dist_checkpointing
 
     sharded = meta_sharded_state_dict(cfg)
@@ -218,6 +231,37 @@ class _RegionRequest:
         return self.result
 
 
+def _open_data_file(path: str):
+    try:
+        return open(path, "rb")
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot be opened ({exc.strerror or exc})") from None
+
+
+def _load_chunk(f, path: str, info, item, req: "_RegionRequest") -> torch.Tensor:
+    """The stored tensor at bytes [info.offset, info.offset + info.length) of the open data file
+    ``path``, checked to hold the region ``item`` reads from it.
+
+    Raises:
+        CheckpointError: the bytes do not deserialise to such a tensor (a damaged file: torch's
+            zip reader, the unpickler or a short read fails), naming the file, the byte range and
+            the checkpoint key.
+    """
+    where = f"{path}: the data of {req.key} at bytes {info.offset}..{info.offset + info.length}"
+    try:
+        stored = torch.load(_FileRange(f, info.offset, info.length), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - zip, unpickling and read errors all mean damaged bytes
+        first = (str(exc).strip().splitlines() or [""])[0].split(". ")[0][:120]
+        raise CheckpointError(f"{where} cannot be read ({type(exc).__name__}{': ' + first if first else ''}); the "
+                              "checkpoint file is damaged") from None
+    ends = [start + length for start, length in zip(item.storage_offsets, item.lengths)]
+    if not isinstance(stored, torch.Tensor) or stored.dim() != len(ends) \
+            or any(end > size for end, size in zip(ends, stored.shape)):
+        got = tuple(stored.shape) if isinstance(stored, torch.Tensor) else type(stored).__name__
+        raise CheckpointError(f"{where} holds {got}, not the chunk the index describes; the checkpoint file is damaged")
+    return stored
+
+
 def _read_regions(ckpt_dir: str, metadata, requests: Dict[str, _RegionRequest]) -> None:
     """Fill every request's ``result`` from the torch.distributed.checkpoint files of ``ckpt_dir``.
 
@@ -239,10 +283,11 @@ def _read_regions(ckpt_dir: str, metadata, requests: Dict[str, _RegionRequest]) 
                                       f"{info.transform_descriptors}, which the reader does not handle")
             per_file.setdefault(info.relative_path, []).append((name, item, info))
     for relative, items in per_file.items():
-        with open(os.path.join(ckpt_dir, relative), "rb") as f:
+        path = os.path.join(ckpt_dir, relative)
+        with _open_data_file(path) as f:
             for name, item, info in sorted(items, key=lambda x: x[2].offset):
                 req = requests[name]
-                stored = torch.load(_FileRange(f, info.offset, info.length), map_location="cpu", weights_only=True)
+                stored = _load_chunk(f, path, info, item, req)
                 whole = all(o == 0 for o in item.dest_offsets) and tuple(item.lengths) == tuple(req.sizes)
                 part = stored
                 for dim, (start, length) in enumerate(zip(item.storage_offsets, item.lengths)):
@@ -272,6 +317,7 @@ class CheckpointReader:
     """
 
     def __init__(self, cfg: ModelConfig, ckpt_dir: str):
+        quiet_megatron()
         import torch.distributed.checkpoint as dcp
         from megatron.core import dist_checkpointing
 

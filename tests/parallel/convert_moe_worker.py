@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 from tests.parallel.convert_worker import (  # noqa: E402
-    TOLERANCE, compare_dirs, load_info, make_hf_model, pipeline_logits, tokens_for)
+    TOLERANCE, compare_dirs, import_and_export, load_info, pipeline_logits)
 
 _ROPE = {"rope_type": "default", "rope_theta": 1000000.0}
 # name -> (transformers config class, kwargs, save options)
@@ -68,32 +68,15 @@ def prepare(workdir: str) -> dict:
     for family in MOE_FAMILIES:
         entry = results.setdefault(family, {})
         try:
-            hf_dir, ckpt, back = (os.path.join(workdir, family, x) for x in ("hf", "megatron", "hf_back"))
+            ckpt = os.path.join(workdir, family, "megatron")
+            hf_dir = os.path.join(workdir, family, "hf")
             t0 = time.time()
-            make_hf_model(family, hf_dir, MOE_FAMILIES)
-            vocab = json.load(open(os.path.join(hf_dir, "config.json")))["vocab_size"]
-            tokens = tokens_for(vocab)
-            ref = hf_logits(hf_dir, tokens)
-            torch.save({"tokens": tokens, "logits": ref}, os.path.join(workdir, family, "hf_logits.pt"))
-            args = ["--hf-dir", hf_dir, "--out", ckpt, "--dtype", "fp32", "--json", ckpt + ".json"]
-            if family == "qwen3_moe":
-                args.append("--verify")
-            assert to_megatron.main(args) == 0
-            entry["import"] = json.load(open(ckpt + ".json"))
-            cfg = read_model_yaml(os.path.join(ckpt, "model.yaml"))
+            found, cfg, ref, tokens = import_and_export(workdir, family, MOE_FAMILIES,
+                                                        verify="import" if family == "qwen3_moe" else "export")
+            entry.update(found)
             entry["model_config"] = {k: getattr(cfg, k) for k in (
                 "num_experts", "moe_router_topk", "moe_ffn_hidden_size", "moe_norm_topk_prob", "moe_dense_layers",
                 "moe_shared_expert_intermediate_size", "moe_shared_expert_gate", "add_qkv_bias", "qk_layernorm")}
-            entry["tp1"] = compare(ref, megatron_logits(cfg, ckpt, tokens))
-            args = ["--ckpt", ckpt, "--out", back, "--max-shard-size", "60KB", "--json", back + ".json"]
-            if family == "qwen2_moe":
-                args.append("--verify")
-            assert to_hf.main(args) == 0
-            entry["export"] = json.load(open(back + ".json"))
-            entry["round_trip"] = compare_dirs(hf_dir, back)
-            entry["load_info"] = load_info(back)
-            entry["exported_logits"] = compare(ref, hf_logits(back, tokens))
-            entry["side_files"] = sorted(os.listdir(back))
 
             # without an HF template: config.json generated from the model config
             # (decoder_sparse_step written as the equivalent mlp_only_layers)

@@ -87,8 +87,7 @@ def make_hf_model(family: str, out: str, families: dict = None) -> None:
         assert "lm_head.weight" not in tensors
         tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
         save_file(tensors, path, metadata={"format": "pt"})
-    with open(os.path.join(out, "tokenizer_config.json"), "w") as f:  # a side file that must travel along
-        json.dump({"model_max_length": 128, "tokenizer_class": "PreTrainedTokenizerFast"}, f)
+    make_tokenizer(out)  # side files that must travel along (and give the export its stop ids)
 
 
 def make_tokenizer(out: str) -> str:
@@ -142,84 +141,116 @@ def load_info(hf_dir: str) -> dict:
 
 
 # ----------------------------------------------------------------------------- prepare
-def prepare(workdir: str) -> dict:
-    from psft_megatron.convert import mapping
+def _capture(fn, *args):
+    """(return value, stdout, stderr) of ``fn(*args)``."""
+    import contextlib
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        value = fn(*args)
+    return value, out.getvalue(), err.getvalue()
+
+
+def import_and_export(workdir: str, family: str, families: dict = None, verify: str = "") -> tuple:
+    """Build ``family`` (of ``families``, default :data:`FAMILIES`) with transformers, import it
+    with the tool (TP=1 logits against HF's), export it back (60KB shards) and compare.
+
+    Args:
+        verify: "import" or "export": run that direction with ``--verify``.
+    Returns:
+        (entry for the tests, the imported ModelConfig, HF logits, tokens).
+    """
     from psft_megatron.convert.hf_to_megatron import read_model_yaml
     from psft_megatron.convert.verify import compare, hf_logits, megatron_logits
     from tools import convert_hf_to_megatron as to_megatron
     from tools import convert_megatron_to_hf as to_hf
 
-    torch.set_num_threads(1)
-    results = {}
-    for family in FAMILIES:
-        entry = results.setdefault(family, {})
-        try:
-            hf_dir, ckpt, back = (os.path.join(workdir, family, x) for x in ("hf", "megatron", "hf_back"))
-            make_hf_model(family, hf_dir)
-            cfg_vocab = json.load(open(os.path.join(hf_dir, "config.json")))["vocab_size"]
-            tokens = tokens_for(cfg_vocab)
-            ref = hf_logits(hf_dir, tokens)
-            torch.save({"tokens": tokens, "logits": ref}, os.path.join(workdir, family, "hf_logits.pt"))
-            args = ["--hf-dir", hf_dir, "--out", ckpt, "--dtype", "fp32", "--json", ckpt + ".json"]
-            if family == "llama":
-                args.append("--verify")
-            assert to_megatron.main(args) == 0
-            entry["import"] = json.load(open(ckpt + ".json"))
-            cfg = read_model_yaml(os.path.join(ckpt, "model.yaml"))
-            entry["tp1"] = compare(ref, megatron_logits(cfg, ckpt, tokens))
-            args = ["--ckpt", ckpt, "--out", back, "--max-shard-size", "60KB", "--json", back + ".json"]
-            if family == "qwen3":
-                args.append("--verify")
-            assert to_hf.main(args) == 0
-            entry["export"] = json.load(open(back + ".json"))
-            entry["round_trip"] = compare_dirs(hf_dir, back)
-            entry["load_info"] = load_info(back)
-            entry["exported_logits"] = compare(ref, hf_logits(back, tokens))
-            entry["side_files"] = sorted(os.listdir(back))
-        except Exception as err:  # reported per family
-            entry["error"] = repr(err)
-            entry["traceback"] = traceback.format_exc()
+    entry = {}
+    hf_dir, ckpt, back = (os.path.join(workdir, family, x) for x in ("hf", "megatron", "hf_back"))
+    make_hf_model(family, hf_dir, families)
+    tokens = tokens_for(json.load(open(os.path.join(hf_dir, "config.json")))["vocab_size"])
+    ref = hf_logits(hf_dir, tokens)
+    torch.save({"tokens": tokens, "logits": ref}, os.path.join(workdir, family, "hf_logits.pt"))
+    args = ["--hf-dir", hf_dir, "--out", ckpt, "--dtype", "fp32", "--json", ckpt + ".json"]
+    assert to_megatron.main(args + (["--verify"] if verify == "import" else [])) == 0
+    entry["import"] = json.load(open(ckpt + ".json"))
+    cfg = read_model_yaml(os.path.join(ckpt, "model.yaml"))
+    entry["tp1"] = compare(ref, megatron_logits(cfg, ckpt, tokens))
+    args = ["--ckpt", ckpt, "--out", back, "--max-shard-size", "60KB", "--json", back + ".json"]
+    assert to_hf.main(args + (["--verify"] if verify == "export" else [])) == 0
+    entry["export"] = json.load(open(back + ".json"))
+    entry["round_trip"] = compare_dirs(hf_dir, back)
+    entry["load_info"] = load_info(back)
+    entry["exported_logits"] = compare(ref, hf_logits(back, tokens))
+    entry["side_files"] = sorted(os.listdir(back))
+    return entry, cfg, ref, tokens
 
-    # Export without an HF template: config.json generated from the model config, tokenizer
-    # files from a training-style YAML's model.tokenizer.model.
-    entry = results["export_without_template"] = {}
-    try:
-        tok_dir = make_tokenizer(os.path.join(workdir, "tokenizer"))
-        for family in ("llama", "qwen3"):
-            import shutil
 
-            import yaml
+def _prepare_family(workdir: str, family: str) -> dict:
+    return import_and_export(workdir, family, verify={"llama": "import", "qwen3": "export"}.get(family, ""))[0]
 
-            # a trainer's layout: checkpoints/iter_N + latest; a NeMo alias in the training YAML
-            src = os.path.join(workdir, family, "megatron")
-            runs, out = os.path.join(workdir, family, "checkpoints"), os.path.join(workdir, family, "hf_no_template")
-            shutil.copytree(src, os.path.join(runs, "iter_0000010"), ignore=shutil.ignore_patterns("hf_config", "model.yaml"))
-            with open(os.path.join(runs, "latest"), "w") as f:
-                f.write("iter_0000010\n")
-            with open(os.path.join(src, "model.yaml")) as f:
-                model = yaml.safe_load(f)["model"]
-            model["layernorm_epsilon"] = model.pop("norm_epsilon")
-            train_yaml = os.path.join(workdir, family, "train.yaml")
-            with open(train_yaml, "w") as f:
-                yaml.safe_dump({"model": dict(model, tokenizer={"library": "huggingface", "model": tok_dir},
-                                              tensor_model_parallel_size=2), "trainer": {"max_steps": 10}}, f)
-            assert to_hf.main(["--ckpt", runs, "--out", out, "--config", train_yaml]) == 0
-            saved = torch.load(os.path.join(workdir, family, "hf_logits.pt"))
-            from transformers import AutoTokenizer
 
-            entry[family] = {
-                "exported_logits": compare(saved["logits"], hf_logits(out, saved["tokens"])),
-                "round_trip": compare_dirs(os.path.join(workdir, family, "hf"), out),
-                "load_info": load_info(out),
-                "architecture": json.load(open(os.path.join(out, "config.json")))["architectures"],
-                "tokenizer_vocab": len(AutoTokenizer.from_pretrained(out)),
-            }
-    except Exception as err:
-        entry["error"] = repr(err)
-        entry["traceback"] = traceback.format_exc()
+def _trainer_layout(workdir: str, family: str) -> str:
+    """A trainer's checkpoints/ directory holding the family's checkpoint as iter_0000010 (no
+    model.yaml: a checkpoint of an older version) and, for llama, a damaged iter_0000020 (its
+    data file cut short) that ``latest`` names."""
+    import shutil
 
-    # Planted bug: q and k swapped inside every group; the logits check must fail.
-    family = "llama"
+    src = os.path.join(workdir, family, "megatron")
+    runs = os.path.join(workdir, family, "checkpoints")
+    shutil.copytree(src, os.path.join(runs, "iter_0000010"), ignore=shutil.ignore_patterns("hf_config", "model.yaml"))
+    latest = "iter_0000010"
+    if family == "llama":
+        latest = "iter_0000020"
+        shutil.copytree(os.path.join(runs, "iter_0000010"), os.path.join(runs, latest))
+        data = os.path.join(runs, latest, "__0_0.distcp")
+        os.truncate(data, os.path.getsize(data) // 2)
+    with open(os.path.join(runs, "latest"), "w") as f:
+        f.write(latest + "\n")
+    return runs
+
+
+def _export_without_template(workdir: str, tok_dir: str, family: str) -> dict:
+    """Export from a trainer's checkpoints/ directory without an HF template: config.json from
+    the model config, tokenizer files from a training-style YAML's model.tokenizer.model (with a
+    NeMo alias in it); first without --config (refused: no model.yaml)."""
+    import yaml
+    from transformers import AutoTokenizer
+
+    from psft_megatron.convert.verify import compare, hf_logits
+    from tools import convert_megatron_to_hf as to_hf
+
+    runs, out = _trainer_layout(workdir, family), os.path.join(workdir, family, "hf_no_template")
+    no_yaml = _capture(to_hf.main, ["--ckpt", runs, "--out", out])
+    with open(os.path.join(workdir, family, "megatron", "model.yaml")) as f:
+        model = yaml.safe_load(f)["model"]
+    model["layernorm_epsilon"] = model.pop("norm_epsilon")
+    train_yaml = os.path.join(workdir, family, "train.yaml")
+    with open(train_yaml, "w") as f:
+        yaml.safe_dump({"model": dict(model, tokenizer={"library": "huggingface", "model": tok_dir},
+                                      tensor_model_parallel_size=2), "trainer": {"max_steps": 10}}, f)
+    code, stdout, _ = _capture(to_hf.main, ["--ckpt", runs, "--out", out, "--config", train_yaml])
+    assert code == 0, stdout
+    saved = torch.load(os.path.join(workdir, family, "hf_logits.pt"))
+    return {
+        "without_model_yaml": {"code": no_yaml[0], "stderr": no_yaml[2]},
+        "log": stdout,
+        "exported_logits": compare(saved["logits"], hf_logits(out, saved["tokens"])),
+        "round_trip": compare_dirs(os.path.join(workdir, family, "hf"), out),
+        "load_info": load_info(out),
+        "architecture": json.load(open(os.path.join(out, "config.json")))["architectures"],
+        "tokenizer_vocab": len(AutoTokenizer.from_pretrained(out)),
+    }
+
+
+def _planted_qkv_order(workdir: str) -> dict:
+    """Convert llama with q and k swapped inside every group; the logits check must fail."""
+    from psft_megatron.convert import mapping
+    from psft_megatron.convert.hf_to_megatron import read_model_yaml
+    from psft_megatron.convert.verify import compare, megatron_logits
+    from tools import convert_hf_to_megatron as to_megatron
+
     original = mapping.qkv_merge
 
     def wrong_qkv_merge(q, k, v, num_query_groups):
@@ -227,19 +258,39 @@ def prepare(workdir: str) -> dict:
         rest = q.shape[1:]
         return torch.cat((k.reshape(ng, -1, *rest), q.reshape(ng, -1, *rest), v.reshape(ng, -1, *rest)), 1).reshape(-1, *rest)
 
-    entry = results["planted_qkv_order"] = {}
     try:
         mapping.qkv_merge = wrong_qkv_merge
-        hf_dir, ckpt = os.path.join(workdir, family, "hf"), os.path.join(workdir, "planted")
+        hf_dir, ckpt = os.path.join(workdir, "llama", "hf"), os.path.join(workdir, "planted")
         assert to_megatron.main(["--hf-dir", hf_dir, "--out", ckpt, "--dtype", "fp32"]) == 0
-        saved = torch.load(os.path.join(workdir, family, "hf_logits.pt"))
+        saved = torch.load(os.path.join(workdir, "llama", "hf_logits.pt"))
         cfg = read_model_yaml(os.path.join(ckpt, "model.yaml"))
-        entry["tp1"] = compare(saved["logits"], megatron_logits(cfg, ckpt, saved["tokens"]))
+        return {"tp1": compare(saved["logits"], megatron_logits(cfg, ckpt, saved["tokens"]))}
+    finally:
+        mapping.qkv_merge = original
+
+
+def _guarded(entry: dict, fn, *args) -> None:
+    """``entry.update(fn(*args))``; an exception is recorded in ``entry`` (reported by the test)."""
+    try:
+        entry.update(fn(*args))
     except Exception as err:
         entry["error"] = repr(err)
         entry["traceback"] = traceback.format_exc()
-    finally:
-        mapping.qkv_merge = original
+
+
+def prepare(workdir: str) -> dict:
+    from tests.parallel.convert_chat import chat_export
+
+    torch.set_num_threads(1)
+    results = {}
+    for family in FAMILIES:
+        _guarded(results.setdefault(family, {}), _prepare_family, workdir, family)
+    entry = results["export_without_template"] = {}
+    tok_dir = make_tokenizer(os.path.join(workdir, "tokenizer"))
+    for family in ("llama", "qwen3"):
+        _guarded(entry.setdefault(family, {}), _export_without_template, workdir, tok_dir, family)
+    _guarded(results.setdefault("planted_qkv_order", {}), _planted_qkv_order, workdir)
+    _guarded(results.setdefault("chat", {}), chat_export, workdir)
     return results
 
 
