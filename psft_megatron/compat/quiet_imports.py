@@ -45,11 +45,16 @@ _MISSING_PACKAGE_WARNINGS = ("Transformer Engine and Apex are not installed", "A
                              "Transformer Engine is not installed", "apex is not installed")
 
 
-#: warnings megatron-core raises about its own defaults on every model build, and torch's
-#: deprecation of the collective names megatron-core calls (regex prefixes; nothing a user
-#: can change)
+#: warnings raised on every run, whatever the config says (regex prefixes; nothing a user can
+#: change): megatron-core's about its own defaults on every model build; torch's deprecation of
+#: the collective names megatron-core calls; megatron-core 0.19's import of its experimental
+#: MIMO models inside get_megatron_optimizer; torch's note when megatron-core 0.19 reads a
+#: checkpoint's common state without the process group (on purpose: rank 0 alone)
 _DEFAULT_NOISE = ("full scope is deprecated",
-                  r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated")
+                  r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated",
+                  "MimoModelConfig is experimental",
+                  "torch.distributed is disabled, unavailable or uninitialized, assuming the intent is to load in "
+                  "a single process")
 #: megatron-core's advice for GPUs, meaningless on a CPU run (gloo has no CUDA streams)
 _CPU_NOISE = ("When using sequence parallelism it is recommended to set the environment variable "
               "CUDA_DEVICE_MAX_CONNECTIONS",)

@@ -95,8 +95,8 @@ def optimizer_config(cfg: RunConfig):
     """megatron's ``OptimizerConfig`` of ``model.optim`` and ``trainer.gradient_clip_val``.
 
     ``adam`` and ``adamw`` are the same optimizer: megatron's Adam decouples the weight decay
-    (AdamW). The schedule's ``min_lr`` is filled in by
-    :func:`psft_megatron.training.setup.setup_model_and_optimizer` from the schedule."""
+    (AdamW). The schedule's ``min_lr`` is filled in where the optimizer is made
+    (:func:`psft_megatron.training.setup.optimizer_and_scheduler`)."""
     from megatron.core.optimizer import OptimizerConfig
 
     optim = cfg.model.optim
