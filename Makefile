@@ -76,7 +76,7 @@ print-current-python:
 
 DEMO_DIR ?= runs/tiny_cpu
 demo: install
-	OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore $(PY) -m torch.distributed.run --standalone --nproc_per_node 2 \
+	OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --standalone --nproc_per_node 2 \
 		pretrain_psft.py --config-path configs --config-name tiny_cpu exp_manager.explicit_log_dir=$(DEMO_DIR)
 	$(PY) tools/plot_metrics.py $(DEMO_DIR)/metrics.jsonl -o $(DEMO_DIR)/metrics.png
 	@echo

@@ -33,6 +33,7 @@ setup(
         "hydra-core>=1.3",
         "tensorboard>=2.15",
         "psutil>=5.9",  # needed by megatron's dist_checkpointing.save, undeclared there
+        "pillow>=9.1",  # tools/plot_metrics.py (make demo draws the curves)
         "numpy",
     ],
     extras_require={

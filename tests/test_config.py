@@ -127,3 +127,97 @@ def test_pretrain_reports_layout_errors_before_distributed_start():
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "config error: world size 1 is not divisible by model.tensor_model_parallel_size" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("override,message", [
+    ("exp_manager.checkpoint_callback_params.every_n_train_steps=-5",
+     "exp_manager.checkpoint_callback_params.every_n_train_steps=-5 must be >= 0"),
+    ("exp_manager.checkpoint_callback_params.save_top_k=-1",
+     "exp_manager.checkpoint_callback_params.save_top_k=-1 must be >= 1"),
+    ("trainer.max_consecutive_skipped_steps=-1", "trainer.max_consecutive_skipped_steps=-1 must be >= 0"),
+    ("trainer.num_nodes=0", "trainer.num_nodes=0 must be >= 1"),
+    ("trainer.devices=0", "trainer.devices=0 must be >= 1"),
+])
+def test_counts_out_of_range_are_named(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_run_config(CONFIGS, "tiny_cpu", [override])
+    assert message in str(err.value), str(err.value)
+
+
+def test_invalid_yaml_is_one_line_with_file_and_line(tmp_path):
+    with open(os.path.join(CONFIGS, "tiny_cpu.yaml")) as f:
+        lines = f.read().splitlines()
+    row = next(i for i, line in enumerate(lines) if line.strip() == "max_steps: 100")
+    lines[row] = lines[row].replace("100", "[100")  # an unclosed flow sequence
+    (tmp_path / "broken.yaml").write_text("\n".join(lines) + "\n")
+    (tmp_path / "child.yaml").write_text("defaults:\n  - broken\n  - _self_\nname: child\n")
+    for name in ("broken", "child"):  # the error is in the file it is in, also through Hydra's defaults
+        with pytest.raises(ConfigError) as err:
+            load_run_config(str(tmp_path), name)
+        line = err.value.line()
+        assert line.startswith(f"config error: {tmp_path / 'broken.yaml'}:{row + 2}:"), line
+        assert "invalid YAML" in line and f"(while parsing a flow sequence at line {row + 1})" in line, line
+        assert "\n" not in line
+
+
+def test_parallel_config_is_built_from_the_section_field_by_field():
+    """Each layout key reaches its own ParallelConfig field (distinct values: a swap shows), and
+    the config section's layout keys are exactly ParallelConfig's fields."""
+    import dataclasses
+
+    from psft_megatron.config.schema import ModelSection
+    from psft_megatron.distributed.layout import ParallelConfig
+
+    names = [f.name for f in dataclasses.fields(ParallelConfig)]
+    section = {f.name: (f.type, f.default) for f in dataclasses.fields(ModelSection)}
+    for f in dataclasses.fields(ParallelConfig):
+        assert f.name in section and section[f.name][1] == f.default, f.name
+    values = {name: value for name, value in zip(
+        [n for n in names if n != "sequence_parallel"], (2, 3, 5, 7, 11, 13))}
+    assert len(values) == len(names) - 1, "a new layout field: give it a distinct value here"
+    overrides = [f"model.{name}={value}" for name, value in values.items()] + ["model.sequence_parallel=true"]
+    cfg, _ = load_run_config(CONFIGS, "tiny_cpu", overrides)
+    parallel = ParallelConfig.from_section(cfg.model)
+    assert {name: getattr(parallel, name) for name in values} == values
+    assert parallel.sequence_parallel is True
+
+
+def test_sequence_parallel_at_tp1_is_turned_off_with_one_warning():
+    from psft_megatron.distributed.layout import ParallelConfig
+
+    cfg, _ = load_run_config(CONFIGS, "tiny_cpu", ["model.tensor_model_parallel_size=1", "model.sequence_parallel=true"])
+    lines = []
+    parallel = ParallelConfig.from_section(cfg.model, warn=lines.append)
+    assert parallel.sequence_parallel is False and "SP" not in parallel.describe()
+    assert lines == ["WARNING: model.sequence_parallel=true needs model.tensor_model_parallel_size > 1; sequence "
+                     "parallelism is off (as Megatron-LM turns it off at TP=1)"]
+    quiet = []
+    assert ParallelConfig.from_section(load_run_config(CONFIGS, "tiny_cpu")[0].model, warn=quiet.append).sequence_parallel
+    assert quiet == []
+
+
+@pytest.mark.parametrize("overrides,message", [
+    # the validation batch inherits model.global_batch_size: name that key, not the one never set
+    (["model.global_batch_size=6", "model.micro_batch_size=2", "+model.data.validation_ds.micro_batch_size=4"],
+     "model.global_batch_size (the validation batch too: model.data.validation_ds.global_batch_size is not set): 6 "
+     "is not divisible by model.data.validation_ds.micro_batch_size * data-parallel size = 4*1"),
+    # the training batch: the layout check names it first
+    (["model.global_batch_size=6"], "model.global_batch_size=6 is not divisible by model.micro_batch_size * "
+                                    "data-parallel size = 4*1"),
+    (["model.data.train_ds.max_seq_length=512"], "model.data.train_ds.max_seq_length=512 is longer than "
+                                                 "model.max_position_embeddings=256"),
+    (["model.data.validation_ds.max_seq_length=300"], "model.data.validation_ds.max_seq_length=300 is longer than "
+                                                      "model.max_position_embeddings=256"),
+    (["model.psft.agg_mode=mean"], "model.psft.agg_mode='mean' is not one of token-mean"),
+    (["model.psft.chunk_size=-1"], "model.psft.chunk_size=-1 must be a positive int"),
+    (["model.psft.kl_estimator=full", "model.psft.loss=sft_kl"], "model.psft.kl_estimator=full needs the reference"),
+])
+def test_preflight_names_the_key_the_value_came_from(overrides, message, monkeypatch):
+    from psft_megatron.training.run_objects import preflight
+
+    monkeypatch.chdir(REPO)
+    cfg, _ = load_run_config(CONFIGS, "tiny_cpu", ["model.tensor_model_parallel_size=1",
+                                                   "model.sequence_parallel=false", *overrides])
+    with pytest.raises(ConfigError) as err:
+        preflight(cfg, 1, announce=False)
+    assert message in str(err.value), str(err.value)

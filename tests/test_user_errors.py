@@ -27,6 +27,9 @@ def cases(work):
     return _cache["r"]
 
 
+with open(os.path.join(REPO, "configs", "tiny_cpu.yaml")) as _f:
+    _MAX_STEPS_LINE = [line.rstrip() for line in _f].index("  max_steps: 100") + 1
+
 #: case -> (kind prefix of the one line, fragments it must contain)
 ERRORS = {
     "bad_latest": ("checkpoint error:", ["checkpoints/latest: unreadable", "resume_fallback=true"]),
@@ -41,6 +44,17 @@ ERRORS = {
                                              "q_layernorm.weight"]),
     "negative_lr": ("config error:", ["model.optim.lr=-1.0 must be > 0"]),
     "empty_data": ("data error:", ["empty.jsonl"]),
+    # the worker writes "max_steps: [100": the parser stops on the next line
+    "bad_yaml": ("config error:", [f"broken_yaml/tiny_cpu.yaml:{_MAX_STEPS_LINE + 1}:", "invalid YAML: expected ',' or "
+                                   f"']', but got ':' (while parsing a flow sequence at line {_MAX_STEPS_LINE})"]),
+    "diverging": ("training error:", ["stopping at step 3: 2 consecutive steps with a non-finite",
+                                      "(trainer.max_consecutive_skipped_steps=2)", "last good checkpoint: (none)"]),
+    "negative_save_interval": ("config error:", ["exp_manager.checkpoint_callback_params.every_n_train_steps=-5 "
+                                                 "must be >= 0"]),
+    "too_long": ("config error:", ["model.data.train_ds.max_seq_length=512 is longer than "
+                                   "model.max_position_embeddings=256"]),
+    "global_batch_6": ("config error:", ["model.global_batch_size=6 is not divisible by model.micro_batch_size * "
+                                         "data-parallel size = 4*1"]),
 }
 
 
@@ -58,6 +72,32 @@ def test_one_line_exit_2_no_traceback_on_any_rank(name, work):
     assert rank1["stderr"].strip() == "", rank1["stderr"]
     for rank in (rank0, rank1):
         assert "Traceback" not in rank["stdout"] + rank["stderr"]
+
+
+def test_sequence_parallel_at_tp1_warns_once_and_trains(work):
+    ranks = cases(work)
+    rank0, rank1 = ranks[0]["sp_at_tp1"], ranks[1]["sp_at_tp1"]
+    assert rank0["code"] == 0 and rank1["code"] == 0, (rank0, rank1)
+    warning = ("WARNING: model.sequence_parallel=true needs model.tensor_model_parallel_size > 1; sequence "
+               "parallelism is off (as Megatron-LM turns it off at TP=1)")
+    assert rank0["stdout"].splitlines().count(warning) == 1, rank0["stdout"]
+    assert warning not in rank1["stdout"] + rank1["stderr"]
+    assert "at TP=1+PP=1+CP=1 on 2 process(es)" in rank0["stdout"], rank0["stdout"]  # no SP in the layout
+
+
+def test_cosine_schedule_trains_through_warmup_and_decay_and_saves(work):
+    """README's failing repro, in this launch's layout (TP=2 + SP): CosineAnnealing with tiny_cpu's
+    warm-up of 5 over trainer.max_steps=8 trains to the end and writes its checkpoint; each
+    step's logged lr is the one its update used, megatron's cosine after n = step - 1 steps."""
+    from tests.test_schedules import expected_lr
+
+    ranks = cases(work)
+    r = ranks[0]["cosine"]
+    assert r["code"] == 0 and ranks[1]["cosine"]["code"] == 0, r
+    assert "done: 8 steps" in r["stdout"] and "iter_0000008" in r["stdout"], r["stdout"][-2000:]
+    assert os.path.isdir(os.path.join(work, "cosine", "checkpoints", "iter_0000008"))
+    want = [expected_lr("cosine", n, 5, 8, peak=3e-3, floor=1e-4) for n in range(8)]
+    assert ranks[0]["cosine_lr"] == pytest.approx(want, rel=1e-9), (ranks[0]["cosine_lr"], want)
 
 
 def test_damaged_latest_checkpoint_falls_back_and_metrics_keep_one_record_per_step(work):

@@ -3,7 +3,9 @@
     python tools/plot_metrics.py runs/sft/metrics.jsonl runs/psft/metrics.jsonl -o sft_vs_psft.png
 
 Reads the ``metrics.jsonl`` files written by pretrain_psft.py (training records only) and draws
-one panel per metric, one line per run. Uses Pillow (installed with tensorboard), no matplotlib.
+one panel per metric, one line per run, each labelled by its run directory (as much of its path as
+tells the runs apart: ``a/run`` and ``b/run``). Uses Pillow (a requirement of the package), no
+matplotlib. A file that cannot be read or written is one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -15,16 +17,34 @@ import os
 import sys
 from typing import Dict, List, Sequence, Tuple
 
-from PIL import Image, ImageDraw
-
 COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (23, 190, 207)]
 PANEL_W, PANEL_H, MARGIN = 420, 300, 56
 
 
+def run_labels(paths: Sequence[str]) -> List[str]:
+    """One label per metrics file: the shortest trailing part of its run directory's path that
+    no other file's shares (``runs/a/x`` and ``runs/b/x`` -> ``a/x``, ``b/x``); a file given
+    twice gets `` (2)``."""
+    parts = [os.path.dirname(os.path.abspath(p)).strip(os.sep).split(os.sep) for p in paths]
+    labels = []
+    for i, mine in enumerate(parts):
+        for n in range(1, len(mine) + 1):
+            if all(other[-n:] != mine[-n:] for j, other in enumerate(parts) if j != i and other != mine):
+                break
+        labels.append("/".join(mine[-n:]) if mine and mine != [""] else paths[i])
+    seen: Dict[str, int] = {}
+    for i, label in enumerate(labels):
+        seen[label] = seen.get(label, 0) + 1
+        if seen[label] > 1:
+            labels[i] = f"{label} ({seen[label]})"
+    return labels
+
+
 def read_runs(paths: Sequence[str]) -> Dict[str, List[dict]]:
-    """``{run label: [training record, ...]}``; a bad line raises naming the file and line."""
+    """``{run label: [training record, ...]}`` in the order given (labels from
+    :func:`run_labels`); a bad line raises naming the file and line."""
     runs = {}
-    for path in paths:
+    for path, label in zip(paths, run_labels(paths)):
         records = []
         with open(path, encoding="utf-8") as f:
             for number, line in enumerate(f, 1):
@@ -36,7 +56,6 @@ def read_runs(paths: Sequence[str]) -> Dict[str, List[dict]]:
                     raise ValueError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
                 if record.get("split", "train") == "train":
                     records.append(record)
-        label = os.path.basename(os.path.dirname(os.path.abspath(path))) or path
         runs[label] = records
     return runs
 
@@ -45,7 +64,7 @@ def _ticks(lo: float, hi: float, count: int = 4) -> List[float]:
     return [lo + (hi - lo) * i / count for i in range(count + 1)]
 
 
-def _panel(draw: ImageDraw.ImageDraw, origin: Tuple[int, int], metric: str, runs: Dict[str, List[dict]]) -> None:
+def _panel(draw, origin: Tuple[int, int], metric: str, runs: Dict[str, List[dict]]) -> None:
     x0, y0 = origin
     left, top, right, bottom = x0 + MARGIN, y0 + 28, x0 + PANEL_W - 12, y0 + PANEL_H - 32
     series = {label: [(r["step"], r[metric]) for r in records if metric in r and math.isfinite(r[metric])]
@@ -84,6 +103,8 @@ def _panel(draw: ImageDraw.ImageDraw, origin: Tuple[int, int], metric: str, runs
 
 
 def plot(runs: Dict[str, List[dict]], metrics: Sequence[str], out: str) -> None:
+    from PIL import Image, ImageDraw
+
     legend_h = 18 * len(runs) + 10
     image = Image.new("RGB", (PANEL_W * len(metrics), PANEL_H + legend_h), "white")
     draw = ImageDraw.Draw(image)
@@ -103,11 +124,22 @@ def main(argv=None) -> int:
     parser.add_argument("--metrics", default="loss,nll,entropy,clip_frac", help="comma-separated keys")
     args = parser.parse_args(argv)
     try:
+        import PIL  # noqa: F401
+    except ImportError:
+        print("error: tools/plot_metrics.py needs Pillow: pip install pillow (or pip install -e . in this repository)",
+              file=sys.stderr)
+        return 2
+    try:
         runs = read_runs(args.metrics_files)
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    plot(runs, args.metrics.split(","), args.out)
+    try:
+        plot(runs, args.metrics.split(","), args.out)
+    except (OSError, ValueError) as exc:  # PIL: unwritable path, or an extension it cannot write
+        print(f"error: cannot write {args.out}: {exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}",
+              file=sys.stderr)
+        return 2
     print(f"wrote {args.out}")
     return 0
 

@@ -5,7 +5,10 @@ are missing (five ``UserWarning`` lines per rank on a CPU box). :func:`quiet_meg
 imports the megatron modules the trainer uses with those warnings recorded, and global rank 0
 prints one line instead. It also drops megatron-core's log lines about its own internal APIs
 that this package calls on purpose and a user cannot act on (:data:`INTERNAL_DEPRECATIONS`,
-megatron-core 0.19: one per model build or checkpoint load, on every rank).
+megatron-core 0.19: one per model build or checkpoint load, on every rank), and the warnings
+raised on every run whatever the config says: megatron's own defaults, torch's deprecation of
+the collective names megatron-core calls, and (CPU runs only) megatron-core's GPU advice to set
+``CUDA_DEVICE_MAX_CONNECTIONS`` with sequence parallelism.
 """
 
 from __future__ import annotations
@@ -42,8 +45,19 @@ _MISSING_PACKAGE_WARNINGS = ("Transformer Engine and Apex are not installed", "A
                              "Transformer Engine is not installed", "apex is not installed")
 
 
-#: warnings megatron-core raises about its own defaults on every model build (regex prefixes)
-_DEFAULT_NOISE = ("full scope is deprecated",)
+#: warnings raised on every run, whatever the config says (regex prefixes; nothing a user can
+#: change): megatron-core's about its own defaults on every model build; torch's deprecation of
+#: the collective names megatron-core calls; megatron-core 0.19's import of its experimental
+#: MIMO models inside get_megatron_optimizer; torch's note when megatron-core 0.19 reads a
+#: checkpoint's common state without the process group (on purpose: rank 0 alone)
+_DEFAULT_NOISE = ("full scope is deprecated",
+                  r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated",
+                  "MimoModelConfig is experimental",
+                  "torch.distributed is disabled, unavailable or uninitialized, assuming the intent is to load in "
+                  "a single process")
+#: megatron-core's advice for GPUs, meaningless on a CPU run (gloo has no CUDA streams)
+_CPU_NOISE = ("When using sequence parallelism it is recommended to set the environment variable "
+              "CUDA_DEVICE_MAX_CONNECTIONS",)
 
 
 def quiet_megatron_import(announce: bool = True) -> list:
@@ -58,7 +72,10 @@ def quiet_megatron_import(announce: bool = True) -> list:
         import megatron.core.models.gpt.gpt_layer_specs  # noqa: F401
         import megatron.core.optimizer  # noqa: F401
         import megatron.core.pipeline_parallel  # noqa: F401
-    for message in _DEFAULT_NOISE:  # raised by megatron's own defaults, whatever the config says
+    import torch
+
+    noise = _DEFAULT_NOISE + (() if torch.cuda.is_available() else _CPU_NOISE)
+    for message in noise:  # raised by megatron's own defaults, whatever the config says
         warnings.filterwarnings("ignore", message=message)
     collapsed = []
     for item in caught:

@@ -158,12 +158,46 @@ def _check_values(cfg: RunConfig) -> None:
     for key, value, ok, rule in ranges:
         if not ok:
             raise ConfigError(f"{key}={value} {rule}")
-    if cfg.trainer.max_steps < 1:
-        raise ConfigError(f"trainer.max_steps={cfg.trainer.max_steps} must be >= 1")
+    _check_counts(cfg)
+    _check_schedule(cfg)
     fp8 = fp8_config(cfg.model)
     if fp8.param_gather and not cfg.model.optim.use_distributed_optimizer:
         raise ConfigError("model.fp8_param_gather=true needs model.optim.use_distributed_optimizer=true (megatron "
                           "all-gathers the FP8 weights from the distributed optimizer's shards)")
+
+
+def _check_counts(cfg: RunConfig) -> None:
+    """The step counts and sizes of ``trainer`` and ``exp_manager``."""
+    trainer, ckpt = cfg.trainer, cfg.exp_manager.checkpoint_callback_params
+    counts = (
+        ("trainer.max_steps", trainer.max_steps, 1, ""),
+        ("trainer.num_nodes", trainer.num_nodes, 1, ""),
+        ("trainer.devices", trainer.devices, 1, " (or null: torchrun's processes per node)"),
+        ("trainer.max_consecutive_skipped_steps", trainer.max_consecutive_skipped_steps, 0, " (0: never stop)"),
+        ("exp_manager.checkpoint_callback_params.every_n_train_steps", ckpt.every_n_train_steps, 0,
+         " (0: save only at the end)"),
+        ("exp_manager.checkpoint_callback_params.save_top_k", ckpt.save_top_k, 1,
+         " (checkpoints kept; NeMo's -1, keep all, is not supported: give a number)"),
+    )
+    for key, value, minimum, note in counts:
+        if value is not None and value < minimum:
+            raise ConfigError(f"{key}={value} must be >= {minimum}{note}")
+
+
+def _check_schedule(cfg: RunConfig) -> None:
+    """``model.optim.sched``: a decaying schedule needs its horizon after the warm-up (megatron's
+    scheduler requires warm-up < decay steps)."""
+    sched = cfg.model.optim.sched
+    if sched.max_steps is not None and sched.max_steps < 1:
+        raise ConfigError(f"model.optim.sched.max_steps={sched.max_steps} must be >= 1 (or null: trainer.max_steps)")
+    if SCHEDULES[sched.name] == "constant":
+        return
+    horizon, key = ((sched.max_steps, "model.optim.sched.max_steps") if sched.max_steps is not None else
+                    (cfg.trainer.max_steps, "trainer.max_steps (the decay horizon while model.optim.sched.max_steps "
+                                            "is null)"))
+    if sched.warmup_steps >= horizon:
+        raise ConfigError(f"model.optim.sched.warmup_steps={sched.warmup_steps} must be less than {key}={horizon}: "
+                          f"{sched.name} decays to min_lr between the two")
 
 
 #: the ``model`` keys that :func:`fp8_config` reads
@@ -314,6 +348,7 @@ def check_paths(cfg: RunConfig) -> None:
 
 def compose_yaml(config_path: str, config_name: str, overrides: List[str]) -> Dict[str, Any]:
     """Hydra compose of ``config_path/config_name.yaml`` with ``overrides``; returns a plain dict."""
+    import yaml
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
@@ -325,15 +360,36 @@ def compose_yaml(config_path: str, config_name: str, overrides: List[str]) -> Di
         raise ConfigError(f"config file {os.path.join(config_dir, name + '.yaml')} does not exist")
     try:
         with initialize_config_dir(config_dir=config_dir, version_base=None):
-            base = compose(config_name=name)
-            # A key that the YAML leaves at its schema default is overridden like any other:
-            # Hydra needs '+' to add it. Unknown keys are then caught by build_run_config.
-            overrides = [_as_addition(o) if _missing(base, o) else o for o in overrides]
-            cfg = compose(config_name=name, overrides=overrides)
+            try:
+                cfg = compose(config_name=name, overrides=overrides)
+            except HydraException:
+                # A key that the YAML leaves at its schema default is overridden like any other:
+                # Hydra needs '+' to add it. Unknown keys are then caught by build_run_config.
+                base = compose(config_name=name)
+                overrides = [_as_addition(o) if _missing(base, o) else o for o in overrides]
+                cfg = compose(config_name=name, overrides=overrides)
         return OmegaConf.to_container(cfg, resolve=True)
-    except (HydraException, OmegaConfBaseException) as exc:
-        message = str(exc).splitlines()[0]
-        raise ConfigError(f"{os.path.join(config_dir, name + '.yaml')}: {message}") from exc
+    except (HydraException, OmegaConfBaseException, yaml.YAMLError) as exc:
+        raise ConfigError(_yaml_error_line(exc) or f"{os.path.join(config_dir, name + '.yaml')}: "
+                          f"{str(exc).splitlines()[0]}") from None
+
+
+def _yaml_error_line(exc: BaseException) -> Optional[str]:
+    """``FILE:LINE:COLUMN: problem`` of the YAML syntax error behind ``exc`` (raised by PyYAML
+    itself, or wrapped by Hydra / OmegaConf), or None when ``exc`` has no position."""
+    import yaml
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+            mark = exc.problem_mark
+            context = ""
+            if exc.context and exc.context_mark is not None:
+                context = f" ({exc.context} at line {exc.context_mark.line + 1})"
+            return f"{mark.name}:{mark.line + 1}:{mark.column + 1}: invalid YAML: {exc.problem}{context}"
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _override_key(override: str) -> str:

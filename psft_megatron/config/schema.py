@@ -8,8 +8,10 @@ NeMo's spellings are accepted as aliases (:data:`MODEL_KEY_ALIASES`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from typing import Any, Dict, List, Optional
+
+from psft_megatron.distributed.layout import ParallelConfig
 
 #: NeMo spelling -> ModelConfig field.
 MODEL_KEY_ALIASES = {
@@ -116,21 +118,22 @@ class DataSection:
     test_ds: Optional[Dict[str, Any]] = None  # NeMo's test set: accepted, not used (reported once)
 
 
+#: ``model``'s parallel-layout keys (``tensor_model_parallel_size``, ``sequence_parallel``, ...):
+#: the fields of :class:`psft_megatron.distributed.layout.ParallelConfig`, declared there only
+ParallelSection = make_dataclass("ParallelSection", ParallelConfig.section_fields())
+ParallelSection.__module__ = __name__
+
+
 @dataclass
-class ModelSection:
+class ModelSection(ParallelSection):
     """``model``: parallel layout, batch sizes, architecture, optimiser, data, tokenizer, PSFT.
 
-    The architecture keys (``num_layers``, ``hidden_size``, ...) live in ``architecture``
-    after loading; in YAML they sit directly under ``model`` as in NeMo.
+    The layout keys are :class:`ParallelSection`'s (ParallelConfig's fields; the trainer builds
+    the layout with ``ParallelConfig.from_section``). The architecture keys (``num_layers``,
+    ``hidden_size``, ...) live in ``architecture`` after loading; in YAML they sit directly
+    under ``model`` as in NeMo.
     """
 
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
-    virtual_pipeline_model_parallel_size: Optional[int] = None
-    context_parallel_size: int = 1
-    sequence_parallel: bool = False
-    expert_model_parallel_size: int = 1  # EP: experts of MoE layers split over ranks
-    expert_tensor_parallel_size: Optional[int] = None  # ETP: each expert split; null = TP
     micro_batch_size: int = 1
     global_batch_size: int = 8
     seed: int = 1234

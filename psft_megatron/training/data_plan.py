@@ -156,8 +156,12 @@ def load_data_settings(cfg, world_size: int) -> DataSettings:
     val_g = (val.global_batch_size if val is not None and val.global_batch_size else m.global_batch_size)
     val_mb = (val.micro_batch_size if val is not None and val.micro_batch_size else m.micro_batch_size)
     if val is not None and dp and val_mb > 0 and val_g % (val_mb * dp):  # (a bad layout: check_layout says so)
-        raise ConfigError(f"model.data.validation_ds.global_batch_size: {val_g} is not divisible by its micro batch "
-                          f"size * data-parallel size = {val_mb}*{dp}")
+        # name the keys the values came from: the validation set's own, or the model's it inherits
+        g_key = ("model.data.validation_ds.global_batch_size" if val.global_batch_size else
+                 "model.global_batch_size (the validation batch too: model.data.validation_ds.global_batch_size "
+                 "is not set)")
+        mb_key = ("model.data.validation_ds.micro_batch_size" if val.micro_batch_size else "model.micro_batch_size")
+        raise ConfigError(f"{g_key}: {val_g} is not divisible by {mb_key} * data-parallel size = {val_mb}*{dp}")
     if trainer.val_check_interval < 0:
         raise ConfigError(f"trainer.val_check_interval: must be >= 0 (0: never validate), got "
                           f"{trainer.val_check_interval}")

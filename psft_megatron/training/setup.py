@@ -32,9 +32,19 @@ class TrainingModel:
 class ScheduleConfig:
     """Learning-rate schedule in optimizer steps (megatron's OptimizerParamScheduler).
 
+    After n optimizer steps (so for step n + 1) the lr is, with W = ``lr_warmup_steps``,
+    D = ``lr_decay_steps`` and ``lr`` the optimizer's peak:
+
+    - n <= W (W > 0): ``lr * n / W`` (linear warm-up from 0: step 1 trains with lr 0);
+    - constant: ``lr``;
+    - W < n <= D: ``min_lr + (lr - min_lr) * c`` with ``c = 1 - r`` (linear) or
+      ``c = (1 + cos(pi r)) / 2`` (cosine), ``r = (n - W) / (D - W)``;
+    - n > D: ``min_lr``.
+
     Attributes:
         lr_warmup_steps: linear warm-up from 0 to ``OptimizerConfig.lr``.
-        lr_decay_steps: steps over which lr decays to ``min_lr`` (None: no decay horizon, 1).
+        lr_decay_steps: D, the step at which the decay reaches ``min_lr`` (None: 1; at least
+            W + 1, megatron's requirement).
         lr_decay_style: "constant", "linear", "cosine", "inverse-square-root" or "WSD".
         min_lr: lr at the end of the decay.
     """
@@ -47,11 +57,17 @@ class ScheduleConfig:
 
 def build_scheduler(optimizer, optimizer_config: OptimizerConfig, schedule: ScheduleConfig) -> OptimizerParamScheduler:
     """megatron's scheduler; it also applies the no-weight-decay groups (``wd_mult``) -
-    without it every group would decay with ``optimizer_config.weight_decay``."""
+    without it every group would decay with ``optimizer_config.weight_decay``.
+
+    megatron's scheduler reads the peak and the floor of each parameter group
+    (``max_lr``, ``min_lr``), which ``get_megatron_optimizer`` copied from
+    ``optimizer_config.lr`` / ``.min_lr``: the optimizer must have been made from an
+    ``optimizer_config`` whose ``min_lr`` is the schedule's (:func:`optimizer_and_scheduler`).
+    """
     decay_steps = max(schedule.lr_decay_steps or 1, schedule.lr_warmup_steps + 1)
     return OptimizerParamScheduler(
         optimizer,
-        init_lr=0.0 if schedule.lr_warmup_steps else optimizer_config.lr,
+        init_lr=0.0,
         max_lr=optimizer_config.lr,
         min_lr=schedule.min_lr,
         lr_warmup_steps=schedule.lr_warmup_steps,
@@ -62,6 +78,20 @@ def build_scheduler(optimizer, optimizer_config: OptimizerConfig, schedule: Sche
         wd_incr_steps=decay_steps,
         wd_incr_style="constant",
     )
+
+
+def optimizer_and_scheduler(optimizer_config: OptimizerConfig, schedule: ScheduleConfig, ddp_chunks,
+                            make_optimizer=None):
+    """megatron's optimizer over ``ddp_chunks`` (``make_optimizer(optimizer_config, ddp_chunks)``)
+    and its lr scheduler; ``make_optimizer`` defaults to megatron's ``get_megatron_optimizer``.
+
+    The optimizer is made from an ``optimizer_config`` that carries the schedule's floor
+    (``min_lr``, set here in place): megatron copies ``lr`` and ``min_lr`` into every parameter
+    group, and its decay styles compute ``max_lr - min_lr`` from the group (megatron's default
+    ``min_lr`` None fails the first step after the warm-up)."""
+    optimizer_config.min_lr = schedule.min_lr
+    optimizer = (make_optimizer or get_megatron_optimizer)(optimizer_config, ddp_chunks)
+    return optimizer, build_scheduler(optimizer, optimizer_config, schedule)
 
 
 def setup_model_and_optimizer(
@@ -118,7 +148,7 @@ def setup_model_and_optimizer(
     optimizer_config.params_dtype = config.params_dtype
     optimizer_config.bf16 = config.bf16
     optimizer_config.fp16 = config.fp16
-    optimizer = get_megatron_optimizer(optimizer_config, ddp_chunks)
+    optimizer, scheduler = optimizer_and_scheduler(optimizer_config, schedule or ScheduleConfig(), ddp_chunks)
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = optimizer.scale_loss  # fp16: the schedule scales the loss (1.0 otherwise)
     if len(ddp_chunks) == 1:
@@ -127,6 +157,5 @@ def setup_model_and_optimizer(
     else:
         config.no_sync_func = [chunk.no_sync for chunk in ddp_chunks]
         config.grad_sync_func = [chunk.start_grad_sync for chunk in ddp_chunks] if overlap_grad_reduce else None
-    scheduler = build_scheduler(optimizer, optimizer_config, schedule or ScheduleConfig())
     return TrainingModel(config=config, chunks=ddp_chunks, optimizer=optimizer, scheduler=scheduler,
                          layer_spec=layer_spec, fp8=fp8)

@@ -26,12 +26,12 @@ from typing import Dict, Iterator, List, Optional
 import numpy as np
 import torch
 
-from psft_megatron.config.loader import check_layout, check_paths, check_requirements, fp8_config
-from psft_megatron.config.schema import PRECISIONS, SCHEDULES, RunConfig
-from psft_megatron.errors import ConfigError
+from psft_megatron.config.loader import fp8_config
+from psft_megatron.config.schema import PRECISIONS, RunConfig
+from psft_megatron.errors import ConfigError, UserError
 from psft_megatron.checkpointing.model_record import write_model_record
 from psft_megatron.checkpointing.manager import CheckpointManager
-from psft_megatron.checkpointing.restore import describe_restore, prepare_restore, record_for_save
+from psft_megatron.checkpointing.restore import describe_restore, record_for_save
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +39,12 @@ logger = logging.getLogger(__name__)
 STEP_KEYS = ("loss", "nll", "entropy", "clip_frac", "ratio_mean", "ratio_max", "approx_kl", "kl", "num_tokens")
 
 
-class NonFiniteTrainingError(RuntimeError):
-    """Too many consecutive steps with a non-finite loss or gradient norm."""
+class NonFiniteTrainingError(UserError, RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient norm: reported like a bad
+    input (``training error: stopping at step N: ...``, one line, exit status 2; raised alike on
+    every rank), since what fixes it is a setting (lr, precision, clipping) or the data."""
+
+    kind = "training"
 
 
 class StopSignals:
@@ -174,30 +178,21 @@ class Trainer:
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:
         from megatron.core import parallel_state
-        from megatron.core.optimizer import OptimizerConfig
 
         from psft_megatron.data import SFTDataset, build_tokenizer
-        from psft_megatron.losses import LossConfig, PSFTLoss
+        from psft_megatron.losses import PSFTLoss
         from psft_megatron.distributed.runtime import ParallelConfig, initialize
-        from psft_megatron.training.data_plan import load_data_settings
+        from psft_megatron.training import run_objects
         from psft_megatron.training.metrics_log import MetricsLogger
-        from psft_megatron.training.setup import ScheduleConfig, setup_model_and_optimizer
+        from psft_megatron.training.setup import setup_model_and_optimizer
 
         cfg, m = self.cfg, self.cfg.model
         world = int(os.environ.get("WORLD_SIZE", "1"))
         rank0 = int(os.environ.get("RANK", "0")) == 0
-        # before any distributed work: files, the restored model (it may name the tokenizer), the
-        # data keys, the layout
-        check_paths(cfg)
-        self.restored = prepare_restore(m, announce=rank0)
-        self.data = load_data_settings(cfg, world)
-        check_layout(cfg, world)
-        check_requirements(cfg)
+        pre = run_objects.preflight(cfg, world, announce=rank0)  # everything before distributed work
+        self.restored, self.data = pre.restored, pre.data
         tok_cfg, train_cfg, val_cfg = self.data.tokenizer, self.data.train, self.data.validation
-        self.parallel = ParallelConfig(m.tensor_model_parallel_size, m.pipeline_model_parallel_size,
-                                       m.virtual_pipeline_model_parallel_size, m.context_parallel_size,
-                                       m.sequence_parallel, m.expert_model_parallel_size,
-                                       m.expert_tensor_parallel_size)
+        self.parallel = ParallelConfig.from_section(m, warn=(lambda line: print(line, flush=True)) if rank0 else None)
         self.info = initialize(self.parallel, seed=m.seed)
         self.is_rank0 = self.info.rank == 0
 
@@ -228,12 +223,6 @@ class Trainer:
         self.pad_to = self.row_length if self.parallel.pipeline_model_parallel_size > 1 else None
 
         optim = m.optim
-        opt_cfg = OptimizerConfig(optimizer="adam", lr=optim.lr, weight_decay=optim.weight_decay,
-                                  adam_beta1=optim.betas[0], adam_beta2=optim.betas[1], adam_eps=optim.eps,
-                                  clip_grad=cfg.trainer.gradient_clip_val)
-        schedule = ScheduleConfig(lr_warmup_steps=optim.sched.warmup_steps,
-                                  lr_decay_steps=optim.sched.max_steps or cfg.trainer.max_steps,
-                                  lr_decay_style=SCHEDULES[optim.sched.name], min_lr=optim.sched.min_lr)
         if self.is_rank0:
             c = self.model_cfg
             experts = (f", {c.num_experts} experts top-{c.moe_router_topk} in "
@@ -243,7 +232,7 @@ class Trainer:
                   + (f"; then restoring its weights from {m.restore_from_path}" if m.restore_from_path else ""),
                   flush=True)
         self.tm = setup_model_and_optimizer(
-            self.model_cfg, self.parallel, opt_cfg, schedule=schedule, layer_spec=m.layer_spec,
+            self.model_cfg, self.parallel, pre.optimizer, schedule=pre.schedule, layer_spec=pre.layer_spec,
             use_distributed_optimizer=optim.use_distributed_optimizer,
             overlap_grad_reduce=optim.overlap_grad_reduce, after_build=self._load_initial_weights,
             fp8=self.fp8)
@@ -253,15 +242,7 @@ class Trainer:
             print(f"model: layer spec {self.tm.layer_spec}, FP8 {self.fp8.describe()}", flush=True)
 
         psft = m.psft
-        common = dict(agg_mode=psft.agg_mode, compute_entropy=psft.compute_entropy, chunk_size=psft.chunk_size,
-                      fused_output_layer=psft.fused_output_layer)
-        self.loss = PSFTLoss(LossConfig(kind=psft.loss, clip_eps_low=psft.clip_eps_low,
-                                        clip_eps_high=psft.clip_eps_high, kl_coef=psft.kl_coef,
-                                        kl_estimator=psft.kl_estimator, **common))
-        self.sft_loss = PSFTLoss(LossConfig(kind="sft", **common))
-        if psft.loss == "sft_kl" and psft.kl_estimator == "full":
-            raise ConfigError("model.psft.kl_estimator=full needs the reference logits in the training "
-                                      "step; the trainer supports k1 and k3 (use the plug-in directly for full)")
+        self.loss, self.sft_loss = PSFTLoss(pre.loss), PSFTLoss(pre.sft_loss)
         if psft.loss == "psft" and psft.old_policy_interval == 1 and not psft.freeze_old_policy and self.is_rank0:
             print("WARNING: model.psft.old_policy_interval=1: the ratio is always 1 and PSFT equals SFT", flush=True)
         # A frozen copy of the initial weights: the SFT-KL reference, or pi_old when frozen.
@@ -433,6 +414,7 @@ class Trainer:
                     start = time.time()
                     attach_logprobs(self.frozen, micros, self.loss, "ref_logprobs", seq_length=self._seq_length(micros))
                     forward_only_s = time.time() - start
+                lr = self.tm.optimizer.param_groups[0]["lr"]  # what this step's update uses
                 start = time.time()
                 result = train_step(forward_steps[self.window_mode], [iter(micros) for _ in self.tm.chunks],
                                     self.tm.chunks, self.tm.optimizer, self.tm.scheduler,
@@ -442,7 +424,7 @@ class Trainer:
                 self.step += 1
                 self.sampler_state = sampler_state
                 last = self._share(self._with_positions(result.metrics, micros), STEP_KEYS + ("num_positions",))
-                last.update(lr=self.tm.optimizer.param_groups[0]["lr"], phase=0.0 if self.window_mode == "sft" else 1.0,
+                last.update(lr=lr, phase=0.0 if self.window_mode == "sft" else 1.0,
                             epoch=_epochs(sampler_state))
                 last.update(self._throughput(elapsed, forward_only_s, last.get("num_positions", 0.0)))
                 if self.moe_metrics is not None:
@@ -571,6 +553,7 @@ class Trainer:
         """Load a checkpoint written by :meth:`save`: weights, optimizer, schedule, counters,
         data position, RNG and (same layout only) the open old-policy window."""
         from psft_megatron.checkpointing.dist_checkpoint import load_checkpoint, load_common, uses_distributed_optimizer
+        from psft_megatron.training.run_objects import resumed_schedule_note
 
         common = load_common(path)
         mine = uses_distributed_optimizer(self.tm.optimizer)
@@ -583,7 +566,11 @@ class Trainer:
         same_layout = common.get("layout") == layout
         state = load_checkpoint(path, self.tm.chunks, self.tm.optimizer, per_rank=same_layout)
         self.step = int(common["iteration"])
+        configured = self.tm.scheduler.state_dict()
         self.tm.scheduler.load_state_dict(common["scheduler"])
+        note = resumed_schedule_note(configured, common["scheduler"])
+        if note and self.is_rank0:
+            print(note, flush=True)
         self.sampler.load_state_dict(common["sampler"])
         self.sampler_state = common["sampler"]
         self.skipped_steps = int(common.get("skipped_steps", 0))

@@ -9,7 +9,11 @@ the checkpoints of earlier ones):
 - fallback: the latest checkpoint's data file truncated; the resume takes the previous one;
 - bad `latest` with resume_fallback=false; restore mismatches; an HF directory; a damaged
   restore checkpoint; strict loads (an extra and a missing weight); a negative lr; an empty
-  data file; a good restore (what it prints).
+  data file; a good restore (what it prints);
+- what a new user met: invalid YAML, a run diverging at lr=1e30, a negative save interval,
+  sequences longer than the model's positions, a global batch the micro-batches do not divide;
+  sequence parallelism at TP=1 (a warning, then training); a cosine schedule trained through its
+  warm-up and decay to the end, with its checkpoint.
 """
 
 from __future__ import annotations
@@ -39,10 +43,11 @@ def largest_data_file(ckpt: str) -> str:
     return max(files, key=os.path.getsize)
 
 
-def run_case(work: str, name: str, overrides) -> dict:
-    """``pretrain_psft.main`` with ``overrides`` (log dir ``work/name``); what it returned and printed."""
+def run_case(work: str, name: str, overrides, config_path: str = os.path.join(REPO, "configs")) -> dict:
+    """``pretrain_psft.main`` with ``overrides`` (log dir ``work/name``; ``config_path``/tiny_cpu.yaml);
+    what it returned and printed."""
     out, err = io.StringIO(), io.StringIO()
-    argv = ["--config-path", os.path.join(REPO, "configs"), "--config-name", "tiny_cpu", *BASE,
+    argv = ["--config-path", config_path, "--config-name", "tiny_cpu", *BASE,
             f"exp_manager.explicit_log_dir={os.path.join(work, name)}", *overrides]
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
@@ -99,6 +104,11 @@ def main() -> None:
             with open(os.path.join(hf, name), "w") as f:
                 f.write("{}")
         open(os.path.join(work, "empty.jsonl"), "w").close()
+        os.makedirs(os.path.join(work, "broken_yaml"))
+        with open(os.path.join(REPO, "configs", "tiny_cpu.yaml")) as f:
+            text = f.read().replace("  max_steps: 100\n", "  max_steps: [100\n")
+        with open(os.path.join(work, "broken_yaml", "tiny_cpu.yaml"), "w") as f:
+            f.write(text)
 
     on_rank0(damage_copies)
     restart = ["trainer.max_steps=1", "exp_manager.resume_if_exists=false"]
@@ -117,6 +127,14 @@ def main() -> None:
         "negative_lr": (restart + ["model.optim.lr=-1"], None),
         "empty_data": (restart + [f"model.data.train_ds.file_names=[{os.path.join(work, 'empty.jsonl')}]"], None),
         "restore": (restart + [f"model.restore_from_path={good}"], None),
+        "diverging": (restart + ["trainer.max_steps=6", "model.optim.lr=1e30", "model.optim.sched.warmup_steps=0",
+                                 "trainer.max_consecutive_skipped_steps=2"], None),
+        "negative_save_interval": (restart + ["exp_manager.checkpoint_callback_params.every_n_train_steps=-5"], None),
+        "too_long": (restart + ["model.data.train_ds.max_seq_length=512"], None),
+        "global_batch_6": (restart + ["model.global_batch_size=6", "model.micro_batch_size=4"], None),
+        "sp_at_tp1": (restart + ["model.tensor_model_parallel_size=1", "model.sequence_parallel=true"], None),
+        "cosine": (["trainer.max_steps=8", "exp_manager.resume_if_exists=false", "model.optim.sched.name=CosineAnnealing",
+                    "model.optim.sched.min_lr=1e-4"], None),
     }
     if rank == 0:
         with open(os.path.join(ckpts, "latest"), "wb") as f:
@@ -124,6 +142,10 @@ def main() -> None:
     torch.distributed.barrier()
     for name, (overrides, log_name) in cases.items():
         results[name] = run_case(work, log_name or name, overrides)
+    results["bad_yaml"] = run_case(work, "bad_yaml", restart, config_path=os.path.join(work, "broken_yaml"))
+    if rank == 0:
+        with open(os.path.join(work, "cosine", "metrics.jsonl")) as f:
+            results["cosine_lr"] = [json.loads(line)["lr"] for line in f if line.strip()]
     results = {"rank": rank, "cases": results}
     gathered = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(gathered, results)
