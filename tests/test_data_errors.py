@@ -237,7 +237,7 @@ def test_damaged_cache_is_one_line(tmp_path):
     f = write_jsonl(tmp_path / "d.jsonl", [GOOD] * 3)
     cache = tmp_path / "cache"
     data_setup({"file_names": [f], "cache_dir": str(cache)})
-    (entry,) = [p for p in cache.iterdir()]
+    (entry,) = [p for p in cache.iterdir() if p.is_dir()]  # the cache (file_hashes.json beside it)
     (entry / "offsets.npy").write_bytes(b"garbage")
     line = one_line({"file_names": [f], "cache_dir": str(cache)})
     assert line.startswith(f"data error: {entry}: unreadable token cache") and "delete the directory" in line
