@@ -159,7 +159,7 @@ class DataConfig:
     packing: pack several samples per row (``max_seq_length`` tokens each).
     cache_dir: pre-tokenised cache directory; ``None``: the trainer uses
         ``<run dir>/token_cache`` (used directly, ``None`` tokenises into a temporary directory).
-    num_workers: processes that tokenise (``None``: the node's CPUs less one, for data of
+    num_workers: processes that tokenise (``None``: the node's CPUs, for data of
         16 MiB or more, else 0); 0 tokenises in the rank's own process.
     seed: the data order's seed (``None``: ``model.seed``).
     shuffle: a new order every epoch (``None``: true for training, false for validation).

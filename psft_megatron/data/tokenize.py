@@ -9,7 +9,7 @@ samples go to disk as they come. The first bad record in file order is the error
 as in a single process. The worker processes are forked (see :class:`_Pool`).
 
 :func:`default_workers` is what ``num_workers: null`` means: the CPUs this process may use
-(its affinity), less one for the reading and writing process, at least 1 and at most 32.
+(its affinity), at least 1 and at most 32.
 """
 
 from __future__ import annotations
@@ -45,12 +45,13 @@ def make_formatter(data_cfg: DataConfig, tokenizer: Tokenizer, tok_cfg: Tokenize
 
 def default_workers(ranks_sharing_the_node: int = 1) -> int:
     """Worker processes for ``num_workers: null``: this process's CPUs (affinity) shared by
-    ``ranks_sharing_the_node`` tokenising processes, less one, in [1, 32]."""
+    ``ranks_sharing_the_node`` tokenising processes, in [1, 32] (the reading and writing
+    process does little: it mostly waits for the workers)."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
         cpus = os.cpu_count() or 1
-    return max(1, min(32, cpus // max(1, ranks_sharing_the_node) - 1))
+    return max(1, min(32, cpus // max(1, ranks_sharing_the_node)))
 
 
 def resolve_workers(data_cfg: DataConfig, ranks_sharing_the_node: int = 1) -> int:
