@@ -95,6 +95,18 @@ def test_a_warm_start_reads_no_data_byte_and_a_change_is_seen(tok, tmp_path, mon
     assert not changed["cache_hit"] and changed["cache_path"] != cold["cache_path"] and len(opened) == 2  # hash + read
 
 
+def test_a_hit_names_this_runs_files(tok, tmp_path):
+    tokenizer, tok_cfg = tok
+    cache = str(tmp_path / "cache")
+    first = write_jsonl(tmp_path / "a.jsonl", [{"prompt": "a", "response": "b"}] * 2)
+    load_or_tokenize(DataConfig(file_names=[first], cache_dir=cache), tokenizer, tok_cfg)
+    os.makedirs(tmp_path / "moved")
+    moved = str(tmp_path / "moved" / "a.jsonl")
+    os.rename(first, moved)  # the same bytes elsewhere: the same key, and errors name the new path
+    store, info = load_or_tokenize(DataConfig(file_names=[moved], cache_dir=cache), tokenizer, tok_cfg)
+    assert info["cache_hit"] and str(store.location(1)) == f"{moved}:line 2"
+
+
 def test_worker_processes_give_the_same_store_and_the_first_error(tok, tmp_path):
     tokenizer, tok_cfg = tok
     files = [f"{TINY_SFT}/train.jsonl", f"{TINY_SFT}/valid.jsonl"]

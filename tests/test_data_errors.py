@@ -172,6 +172,11 @@ def test_template_that_rewrites_earlier_turns_is_reported(tmp_path):
 # Every bad data input is ONE line (a UserError: "data error: FILE:line N: ..." or
 # "config error: KEY: ..."), raised by the trainer's data set-up, before any training step.
 
+@pytest.fixture(autouse=True)
+def _run_dir_in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default run dir (runs/..., its token cache) of data_setup
+
+
 def data_setup(train_ds: dict, **model):
     """What Trainer.setup does with the data before the first step, in-process (world of one)."""
     from psft_megatron.config import build_run_config

@@ -180,6 +180,20 @@ class TokenizedStore:
         lo, hi = int(self.offsets[i]), int(self.offsets[i + 1])
         return self.ids[lo:hi], self.mask[lo:hi]
 
+    def relabel(self, file_names: Sequence[str]) -> None:
+        """Name the sources as ``file_names`` (this run's paths): a cache is keyed by content,
+        so it may have been written from the same files at other paths. Entries derived from a
+        path (a DatasetDict's split directory) follow it."""
+        renamed = dict(zip(self.files[:len(file_names)], file_names))
+
+        def new_name(old: str) -> str:
+            if old in renamed:
+                return renamed[old]
+            base = next((o for o in renamed if old.startswith(o + os.sep)), None)
+            return renamed[base] + old[len(base):] if base is not None else old
+
+        self.files = [new_name(f) for f in self.files]
+
     def location(self, i: int) -> Location:
         f = int(self.src_file[i])
         pos = int(self.src_pos[i])

@@ -78,6 +78,7 @@ def load_or_tokenize(data_cfg: DataConfig, tokenizer: Tokenizer, tok_cfg: Tokeni
         path = os.path.join(data_cfg.cache_dir, key.key[:32])
         if is_complete(path):
             store = TokenizedStore.load(path)
+            store.relabel(data_cfg.file_names)  # the same bytes may have been cached from other paths
             return store, {"cache_hit": True, "cache_path": path, "seconds": time.perf_counter() - t0, "workers": 0}
     workers = resolve_workers(data_cfg) if workers is None else workers
     meta = {"key": key.key, "tokenizer": key.tokenizer, "settings": data_cfg.tokenization_settings()} if key else {}
@@ -120,7 +121,7 @@ def distributed_store(data_cfg: DataConfig, tokenizer: Tokenizer, tok_cfg: Token
     if not all(seen):
         _raise_any(dist, failure)
     if rank == 0:
-        return TokenizedStore.load(built["cache_path"]), built
+        return load_or_tokenize(data_cfg, tokenizer, tok_cfg, key=key)[0], built  # a hit: memory-mapped
     if own is not None:
         return own
     store, info = load_or_tokenize(data_cfg, tokenizer, tok_cfg, key=key,
