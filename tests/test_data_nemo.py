@@ -117,7 +117,8 @@ def nemo_run(tmp_path_factory):
 
 
 def settings_of(nemo_run, *overrides, world=2):
-    cfg, _ = load_run_config(nemo_run[0], "nemo_sft", list(overrides))
+    run_dir = os.path.join(nemo_run[0], "run")  # the run's token cache goes here, not into the repository
+    cfg, _ = load_run_config(nemo_run[0], "nemo_sft", [f"exp_manager.explicit_log_dir={run_dir}"] + list(overrides))
     return load_data_settings(cfg, world)
 
 

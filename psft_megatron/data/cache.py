@@ -183,7 +183,7 @@ class TokenizedStore:
     def relabel(self, file_names: Sequence[str]) -> None:
         """Name the sources as ``file_names`` (this run's paths): a cache is keyed by content,
         so it may have been written from the same files at other paths. Entries derived from a
-        path (a DatasetDict's split directory) follow it."""
+        path (a DatasetDict's split directory) and the first locations in ``stats`` follow it."""
         renamed = dict(zip(self.files[:len(file_names)], file_names))
 
         def new_name(old: str) -> str:
@@ -193,6 +193,10 @@ class TokenizedStore:
             return renamed[base] + old[len(base):] if base is not None else old
 
         self.files = [new_name(f) for f in self.files]
+        for key, value in self.stats.items():  # first locations, "path:line N"
+            if isinstance(value, str):
+                old = next((o for o in renamed if value.startswith((o + ":", o + os.sep))), None)
+                self.stats[key] = value if old is None else renamed[old] + value[len(old):]
 
     def location(self, i: int) -> Location:
         f = int(self.src_file[i])
