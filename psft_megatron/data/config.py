@@ -347,7 +347,7 @@ class DataConfig:
     def tokenization_settings(self) -> dict:
         """The settings that change tokenised output (part of the cache key)."""
         out = {k: getattr(self, k) for k in ("split", "schema", "prompt_key", "response_key", "messages_key")}
-        out["store_layout"] = 2  # per-file sample counts in the cache
+        out["store_layout"] = 3  # the cache format (3: has_target.npy, streamed writes; 2: per-file counts)
         if self.uses_template:
             out.update({k: getattr(self, k) for k in ("prompt_template", "label_key", "add_bos", "add_eos", "add_sep",
                                                        "truncation_field", "truncation_method")})
