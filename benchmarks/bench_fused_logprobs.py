@@ -49,7 +49,6 @@ import gc
 import json
 import os
 import sys
-import tempfile
 import time
 
 import torch
@@ -59,27 +58,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
-from bench_logprobs import (  # noqa: E402  (helpers shared with the logits benchmark)
-    _MALLOC_ENV,
-    DTYPES,
-    MemProbe,
-    _free_port,
-    _sync,
-    machine_description,
-    parse_sizes,
-)
+import common  # noqa: E402  (benchmarks/common.py)
+from bench_logprobs import _MALLOC_ENV, DTYPES, MemProbe, _sync  # noqa: E402  (the logits benchmark's probes)
 
 #: CPU: the fixed glibc mmap threshold of bench_logprobs.py (freed tensors leave RSS), and
 #: OpenMP threads that sleep instead of spinning when they wait: their CPU time is then the work
 #: they do, a measure that moves little when other jobs share the machine. Read at start-up,
 #: hence the re-exec.
 _ENV = dict(_MALLOC_ENV, OMP_WAIT_POLICY="PASSIVE")
-
-
-def _reexec_with_env() -> None:
-    if all(os.environ.get(k) == v for k, v in _ENV.items()):
-        return
-    os.execve(sys.executable, [sys.executable] + sys.argv, dict(os.environ, **_ENV))
 
 VARIANTS = ("gemm", "megatron", "unfused", "fused", "fused+mg", "unfused/2", "fused/2")
 PHASES = ("fwd", "fwd+bwd", "fwd-only")
@@ -306,34 +292,13 @@ def _worker(rank: int, args, tp: int, port: int, outdir: str) -> None:
 
 
 def run_tp(args, tp: int):
-    import torch.multiprocessing as mp
-
-    with tempfile.TemporaryDirectory() as outdir:
-        port = _free_port()
-        if tp == 1:
-            _worker(0, args, 1, port, outdir)
-        else:
-            mp.spawn(_worker, args=(args, tp, port, outdir), nprocs=tp, join=True)
-        ranks = []
-        for r in range(tp):
-            with open(os.path.join(outdir, f"rank{r}.json")) as f:
-                ranks.append(json.load(f))
-    merged = []
-    for rows in zip(*ranks):
-        m = dict(rows[0])
-        for phase in PHASES:
-            if phase in m:
-                m[phase] = {"time_s": max(r[phase]["time_s"] for r in rows),
-                            "cpu_s": max(r[phase]["cpu_s"] for r in rows),
-                            "peak_extra_mib": max(r[phase]["peak_extra_mib"] for r in rows)}
-        merged.append(m)
-    return merged
+    return common.run_tp(_worker, args, tp, PHASES, ("time_s", "cpu_s", "peak_extra_mib"))
 
 
 # --------------------------------------------------------------------------------------------
 def markdown(results, args) -> str:
     lines = [
-        f"machine: {machine_description(torch.device(args.device))}; date: {datetime.date.today().isoformat()}; "
+        f"machine: {common.machine_description(args.device)}; date: {datetime.date.today().isoformat()}; "
         f"torch {torch.__version__}; device {args.device}; dtype {args.dtype}; hidden {args.hidden}",
         "",
         "| tokens x V/tp | TP | variant | fwd ms | fwd MiB | fwd+bwd ms | fwd+bwd MiB | fwd+bwd MiB minus grads "
@@ -384,7 +349,7 @@ def markdown(results, args) -> str:
 
 def main(argv=None):
     if argv is None and "--no-malloc-env" not in sys.argv:
-        _reexec_with_env()
+        common.reexec_with_env(_ENV)
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
@@ -397,25 +362,17 @@ def main(argv=None):
     p.add_argument("--no-malloc-env", action="store_true",
                    help="CPU: keep glibc's adaptive mmap threshold and OpenMP's spinning waits")
     args = p.parse_args(argv)
-    args.sizes = parse_sizes(args.sizes)
+    args.sizes = common.parse_sizes(args.sizes)
     args.variants = [v for v in args.variants.split(",") if v]
     for v in args.variants:
         if v not in VARIANTS:
             p.error(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
-    tps = [int(t) for t in args.tp.split(",")]
-    if args.device == "cuda":
-        tps = [t for t in tps if t <= torch.cuda.device_count()] or [1]
-    print(f"bench_fused_logprobs: {' '.join(sys.argv[1:]) or '(defaults)'}", flush=True)
+    print(common.run_header("bench_fused_logprobs", args.device), flush=True)
     t0 = time.time()
     results = []
-    for tp in tps:
+    for tp in common.tp_degrees(args.tp, args.device):
         results += run_tp(args, tp)
-    print()
-    print(markdown(results, args))
-    print(f"\n(total wall time {time.time() - t0:.0f} s)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+    common.finish(results, markdown(results, args), args.json, t0)
 
 
 if __name__ == "__main__":

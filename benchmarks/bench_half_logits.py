@@ -24,13 +24,49 @@ import json
 import os
 import platform
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.bench_logprobs import MemProbe  # noqa: E402
+
+
+def _batch(args, dev) -> dict:
+    """One micro-batch of random tokens: [micro_batch, seq] on ``dev``."""
+    gen = torch.Generator().manual_seed(0)
+    b, s = args.micro_batch, args.seq
+    micro = {"tokens": torch.randint(0, args.vocab, (b, s), generator=gen),
+             "labels": torch.randint(0, args.vocab, (b, s), generator=gen),
+             "loss_mask": torch.ones(b, s), "position_ids": torch.arange(s).expand(b, s).contiguous()}
+    return {k: v.to(dev) for k, v in micro.items()}
+
+
+def _measure(args, tm, forward_step, micro, dev) -> dict:
+    """Peak extra memory and step time (CUDA events on a GPU) of each variant, per round."""
+    from megatron.core.transformer.module import Float16Module
+
+    from psft_megatron.model.builder import HalfPrecisionOutput
+    from psft_megatron.training.step import train_step
+    from psft_megatron.training.throughput import start_timer
+
+    variants = {
+        "fp32 logits (Float16Module default)": lambda self, *a, fp32_output=True, **k: Float16Module.forward(
+            self, *a, fp32_output=fp32_output, **k),
+        "bf16 logits (HalfPrecisionOutput)": HalfPrecisionOutput.forward,
+    }
+    results = {name: {"peak_extra_mib": [], "time_s": []} for name in variants}
+    probe = MemProbe(dev)
+    for _ in range(args.rounds):
+        for name, forward in variants.items():
+            HalfPrecisionOutput.forward = forward
+            probe.start()
+            timer = start_timer()
+            train_step(forward_step(name), [iter([micro])], tm.chunks, tm.optimizer, None,
+                       num_microbatches=1, seq_length=args.seq, micro_batch_size=args.micro_batch)
+            results[name]["time_s"].append(timer.stop().seconds())
+            results[name]["peak_extra_mib"].append(probe.peak_extra())
+    return results
 
 
 def main() -> None:
@@ -45,15 +81,12 @@ def main() -> None:
     args = parser.parse_args()
 
     from megatron.core.optimizer import OptimizerConfig
-    from megatron.core.transformer.module import Float16Module
 
     from psft_megatron.losses import LossConfig, PSFTLoss
     from psft_megatron.model import ModelConfig
-    from psft_megatron.model.builder import HalfPrecisionOutput
     from psft_megatron.distributed.runtime import ParallelConfig, device, initialize
     from psft_megatron.training.forward import make_train_forward_step
     from psft_megatron.training.setup import setup_model_and_optimizer
-    from psft_megatron.training.step import train_step
 
     initialize(ParallelConfig())
     dev = device()
@@ -74,28 +107,9 @@ def main() -> None:
 
         return step
 
-    gen = torch.Generator().manual_seed(0)
+    micro = _batch(args, dev)
+    results = _measure(args, tm, forward_step, micro, dev)
     b, s = args.micro_batch, args.seq
-    micro = {"tokens": torch.randint(0, args.vocab, (b, s), generator=gen),
-             "labels": torch.randint(0, args.vocab, (b, s), generator=gen),
-             "loss_mask": torch.ones(b, s), "position_ids": torch.arange(s).expand(b, s).contiguous()}
-    micro = {k: v.to(dev) for k, v in micro.items()}
-    variants = {
-        "fp32 logits (Float16Module default)": lambda self, *a, fp32_output=True, **k: Float16Module.forward(
-            self, *a, fp32_output=fp32_output, **k),
-        "bf16 logits (HalfPrecisionOutput)": HalfPrecisionOutput.forward,
-    }
-    results = {name: {"peak_extra_mib": [], "time_s": []} for name in variants}
-    probe = MemProbe(dev)
-    for _ in range(args.rounds):
-        for name, forward in variants.items():
-            HalfPrecisionOutput.forward = forward
-            probe.start()
-            start = time.time()
-            train_step(forward_step(name), [iter([micro])], tm.chunks, tm.optimizer, None,
-                       num_microbatches=1, seq_length=s, micro_batch_size=b)
-            results[name]["time_s"].append(time.time() - start)
-            results[name]["peak_extra_mib"].append(probe.peak_extra())
     logits_mib = b * s * args.vocab * 2 / 2**20
     lines = [f"# bench_half_logits, {datetime.date.today()}, {platform.node()}, {platform.processor() or platform.machine()}, "
              f"{dev}, torch {torch.__version__}",

@@ -37,17 +37,17 @@ import datetime
 import gc
 import json
 import os
-import platform
 import re
-import socket
 import sys
-import tempfile
 import time
 
 import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402  (benchmarks/common.py)
 
 VARIANTS = ("ours+H", "ours", "megatron", "torch")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
@@ -216,55 +216,14 @@ def _worker(rank: int, args, tp: int, port: int, outdir: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_tp(args, tp: int):
-    import torch.multiprocessing as mp
-
-    with tempfile.TemporaryDirectory() as outdir:
-        port = _free_port()
-        if tp == 1:
-            _worker(0, args, 1, port, outdir)
-        else:
-            mp.spawn(_worker, args=(args, tp, port, outdir), nprocs=tp, join=True)
-        ranks = []
-        for r in range(tp):
-            with open(os.path.join(outdir, f"rank{r}.json")) as f:
-                ranks.append(json.load(f))
-    merged = []
-    for rows in zip(*ranks):  # same order on every rank
-        m = dict(rows[0])
-        for phase in ("fwd", "fwd+bwd"):
-            m[phase] = {
-                "time_s": max(r[phase]["time_s"] for r in rows),
-                "peak_extra_mib": max(r[phase]["peak_extra_mib"] for r in rows),
-            }
-        merged.append(m)
-    return merged
+    return common.run_tp(_worker, args, tp, ("fwd", "fwd+bwd"), ("time_s", "peak_extra_mib"))
 
 
 # --------------------------------------------------------------------------------------------
-def machine_description(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
-    model = platform.processor() or "cpu"
-    try:
-        with open("/proc/cpuinfo") as f:
-            m = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.M)
-        if m:
-            model = m.group(1).strip()
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores"
-
-
 def markdown(results, args) -> str:
     lines = [
-        f"machine: {machine_description(torch.device(args.device))}; "
+        f"machine: {common.machine_description(args.device)}; "
         f"date: {datetime.date.today().isoformat()}; torch {torch.__version__}; "
         f"device {args.device}; dtype {args.dtype}",
         "",
@@ -301,14 +260,6 @@ def markdown(results, args) -> str:
     return "\n".join(lines)
 
 
-def parse_sizes(text: str):
-    sizes = []
-    for part in text.split(","):
-        t, v = part.lower().split("x")
-        sizes.append((int(t), int(v)))
-    return sizes
-
-
 #: glibc adapts its mmap threshold (up to 32 MiB) to the sizes freed: freed tensors below it
 #: stay resident and hide later allocations from RSS. A fixed 1 MiB threshold makes every
 #: tensor above 1 MiB an mmap that is returned to the OS on free (glibc reads it at start-up,
@@ -316,16 +267,9 @@ def parse_sizes(text: str):
 _MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 20)}
 
 
-def _reexec_with_malloc_env() -> None:
-    if all(os.environ.get(k) == v for k, v in _MALLOC_ENV.items()):
-        return
-    env = dict(os.environ, **_MALLOC_ENV)
-    os.execve(sys.executable, [sys.executable] + sys.argv, env)
-
-
 def main(argv=None):
     if argv is None and "--no-malloc-env" not in sys.argv:
-        _reexec_with_malloc_env()
+        common.reexec_with_env(_MALLOC_ENV)
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16")
@@ -344,25 +288,17 @@ def main(argv=None):
     )
     args = p.parse_args(argv)
     args.dtype = args.dtype or "bf16"
-    args.sizes = parse_sizes(args.sizes)
+    args.sizes = common.parse_sizes(args.sizes)
     args.variants = [v for v in args.variants.split(",") if v]
     for v in args.variants:
         if v not in VARIANTS:
             p.error(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
-    tps = [int(t) for t in args.tp.split(",")]
-    if args.device == "cuda":
-        tps = [t for t in tps if t <= torch.cuda.device_count()] or [1]
-    print(f"bench_logprobs: {' '.join(sys.argv[1:]) or '(defaults)'}", flush=True)
+    print(common.run_header("bench_logprobs", args.device), flush=True)
     t0 = time.time()
     results = []
-    for tp in tps:
+    for tp in common.tp_degrees(args.tp, args.device):
         results += run_tp(args, tp)
-    print()
-    print(markdown(results, args))
-    print(f"\n(total wall time {time.time() - t0:.0f} s)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+    common.finish(results, markdown(results, args), args.json, t0)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ import os
 import pytest
 
 from psft_megatron.config import ConfigError, build_run_config, check_layout, load_run_config
-from tests.parallel.launch import REPO
+from tests.parallel.launch import REPO, worker_env
 
 CONFIGS = os.path.join(REPO, "configs")
 
@@ -123,7 +123,7 @@ def test_pretrain_reports_layout_errors_before_distributed_start():
 
     proc = subprocess.run([sys.executable, "pretrain_psft.py", "--config-name", "tiny_cpu", "model.num_layers=3",
                            "model.pipeline_model_parallel_size=2", "trainer.devices=null"],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+                          cwd=REPO, env=worker_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "config error: world size 1 is not divisible by model.tensor_model_parallel_size" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -172,6 +172,11 @@ def test_template_that_rewrites_earlier_turns_is_reported(tmp_path):
 # Every bad data input is ONE line (a UserError: "data error: FILE:line N: ..." or
 # "config error: KEY: ..."), raised by the trainer's data set-up, before any training step.
 
+@pytest.fixture(autouse=True)
+def _run_dir_in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default run dir (runs/..., its token cache) of data_setup
+
+
 def data_setup(train_ds: dict, **model):
     """What Trainer.setup does with the data before the first step, in-process (world of one)."""
     from psft_megatron.config import build_run_config
@@ -237,7 +242,7 @@ def test_damaged_cache_is_one_line(tmp_path):
     f = write_jsonl(tmp_path / "d.jsonl", [GOOD] * 3)
     cache = tmp_path / "cache"
     data_setup({"file_names": [f], "cache_dir": str(cache)})
-    (entry,) = [p for p in cache.iterdir()]
+    (entry,) = [p for p in cache.iterdir() if p.is_dir()]  # the cache (file_hashes.json beside it)
     (entry / "offsets.npy").write_bytes(b"garbage")
     line = one_line({"file_names": [f], "cache_dir": str(cache)})
     assert line.startswith(f"data error: {entry}: unreadable token cache") and "delete the directory" in line

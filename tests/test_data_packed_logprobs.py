@@ -21,7 +21,8 @@ TOL = 1e-5
 def results():
     proc = subprocess.run([sys.executable, "tests/data_fixtures/packed_logprobs_worker.py"], cwd=REPO,
                           capture_output=True, text=True, timeout=300,
-                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
+                               "CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

@@ -4,9 +4,8 @@ import json
 import os
 import socket
 
-import torch.multiprocessing as mp
 
-from tests.parallel.rank_slots import rank_slots
+from tests.parallel.launch import cpu_spawn
 
 
 def _free_port():
@@ -48,8 +47,7 @@ def _worker(rank, world, port, root, out):
 
 def test_rank0_decides_and_shared_directories(tmp_path):
     out = str(tmp_path)
-    with rank_slots(3):
-        mp.spawn(_worker, args=(3, _free_port(), str(tmp_path), out), nprocs=3, join=True)
+    cpu_spawn(_worker, (3, _free_port(), str(tmp_path), out), 3)
     results = [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(3)]
     for r in results:
         assert r["decided"] == "rank 0 read this"

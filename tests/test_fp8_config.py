@@ -8,7 +8,7 @@ import pytest
 from psft_megatron.config import ConfigError, check_requirements, load_run_config
 from psft_megatron.config.loader import fp8_config
 from psft_megatron.model.fp8 import FP8Config, fp8_hardware_problem
-from tests.parallel.launch import REPO
+from tests.parallel.launch import REPO, worker_env
 
 CONFIGS = os.path.join(REPO, "configs")
 
@@ -195,7 +195,7 @@ def test_pretrain_exits_with_the_install_hint_before_distributed_start():
         pytest.skip("transformer-engine is installed here")
     proc = subprocess.run([sys.executable, "pretrain_psft.py", "--config-name", "tiny_cpu", "model.fp8=true",
                            "model.fp8_hybrid=true", "trainer.devices=null", "model.tensor_model_parallel_size=1"],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+                          cwd=REPO, env=worker_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert ("config error: model.fp8=hybrid needs Transformer Engine, which is not installed: "
             "pip install -e '.[te]'") in proc.stderr

@@ -15,10 +15,9 @@ import tempfile
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from psft_megatron.ops import default_chunk_size, vocab_parallel_kl, vocab_parallel_logprobs
-from tests.parallel.rank_slots import rank_slots
+from tests.parallel.launch import cpu_spawn
 
 
 # --------------------------------------------------------------------------------------------
@@ -343,8 +342,7 @@ def _tp_worker(rank: int, world: int, port: int, outdir: str) -> None:
 @pytest.mark.parametrize("world", [2, 4])
 def test_tensor_parallel_matches_full_vocab(world):
     with tempfile.TemporaryDirectory() as outdir:
-        with rank_slots(world):
-            mp.spawn(_tp_worker, args=(world, _free_port(), outdir), nprocs=world, join=True)
+        cpu_spawn(_tp_worker, (world, _free_port(), outdir), world)
         for rank in range(world):
             with open(os.path.join(outdir, f"rank{rank}.json")) as f:
                 res = json.load(f)

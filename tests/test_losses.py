@@ -11,7 +11,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from psft_megatron.losses import (
     K3_CLAMP,
@@ -26,7 +25,7 @@ from psft_megatron.losses import (
     sft_kl_objective,
     sft_objective,
 )
-from tests.parallel.rank_slots import rank_slots
+from tests.parallel.launch import cpu_spawn
 
 
 # --------------------------------------------------------------------------------------------
@@ -452,8 +451,7 @@ def test_context_parallel_shards_equal_single_batch():
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        with rank_slots(world):
-            mp.spawn(_cp_worker, args=(world, port, outdir), nprocs=world, join=True)
+        cpu_spawn(_cp_worker, (world, port, outdir), world)
         per_rank = [torch.load(os.path.join(outdir, f"rank{r}.pt")) for r in range(world)]
     batch = make_batch()
     ls, n, _ = PSFTLoss(LossConfig(kind="sft", agg_mode="seq-mean-token-mean")).loss_func(

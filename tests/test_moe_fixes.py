@@ -7,16 +7,13 @@ One 4-process launch (tests/parallel/moe_worker.py) runs every probe; see its do
 """
 
 import pytest
-import torch
 
 from psft_megatron.compat import cpu as cpu_compat, moe_fixes
 from tests.parallel.moe_worker import launch_once
 
 NAMES = [fix.name for fix in moe_fixes.FIXES] + list(cpu_compat.MULTI_RANK_PATCHES)
-CPU_ONLY = pytest.mark.skipif(torch.cuda.is_available(), reason="gloo probes of the CPU layer")
 
 
-@CPU_ONLY
 @pytest.mark.parametrize("name", NAMES)
 def test_fix_is_needed_exactly_where_declared(name):
     result = launch_once()
@@ -34,13 +31,11 @@ def test_fix_is_needed_exactly_where_declared(name):
                                          f"is declared only for {entry['range']}: {entry['off']['detail']}")
 
 
-@CPU_ONLY
 def test_allgather_dispatcher_matches_reference():
     entry = launch_once()["allgather_ep2_tp2"]
     assert not entry["bug"], entry["detail"]
 
 
-@CPU_ONLY
 def test_layer_specs_write_the_same_moe_keys():
     keys = launch_once()["spec_keys"]
     first, *others = keys
@@ -58,7 +53,6 @@ def test_layer_specs_write_the_same_moe_keys():
     assert "decoder.layers.0.mlp.linear_fc1.layer_norm_weight" not in cpu
 
 
-@CPU_ONLY
 def test_trainer_logs_moe_metrics():
     """configs/tiny_moe_cpu.yaml trained 3 steps at EP=2: aux loss and expert load each step,
     every token of the step routed to top-2 of 8 experts in each of the 2 MoE layers."""
@@ -70,3 +64,15 @@ def test_trainer_logs_moe_metrics():
         assert {"moe_load_max_mean/layer_0", "moe_load_max_mean/layer_1"} <= set(step)
         assert abs(step["moe_tokens_per_expert"] - step["num_positions"] * 2 / 8) < 1e-6, step
     assert {"moe_aux_loss", "moe_load_max_mean", "moe_load_max_mean/layer_1"} <= set(result["jsonl_keys"])
+
+
+def test_moe_metrics_read_the_device_once_per_step():
+    """Reduced on the device: one host read per step, not one or two per MoE layer."""
+    assert launch_once()["trainer"]["host_reads"] == [1, 1, 1]
+
+
+def test_mfu_counts_the_active_parameters():
+    """tiny_moe_cpu at EP=2: every expert counted once (half of them live on other DP ranks), and
+    a token's forward uses the dense parts and top-2 of the 8 experts of each MoE layer."""
+    p = launch_once()["trainer"]["parameters"]
+    assert p["total"] == p["expected_total"] and p["active"] == p["expected_active"] < p["total"], p

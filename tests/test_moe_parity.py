@@ -19,13 +19,10 @@ One torchrun launch per world size (2 and 4 processes) runs all its layouts.
 import subprocess
 
 import pytest
-import torch
 
 from tests.parallel.launch import torchrun
 from tests.parallel.moe_parity_worker import CKPT_SUITES, SUITES, TOLERANCE, WEIGHTS_ONLY
 from tests.parallel.results import check_loads, check_planted
-
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="gloo layouts of the CPU layer")
 
 _cache = {}
 

@@ -148,7 +148,7 @@ def test_readme_export_command_on_a_training_run(work, tmp_path):
 
 
 def test_world_of_one_exit_code_2(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, CUDA_VISIBLE_DEVICES="")  # the CPU lane
     proc = subprocess.run([sys.executable, "pretrain_psft.py", "--config-path", "configs", "--config-name", "tiny_cpu",
                            "trainer.devices=null", "model.optim.betas=[0.9,1.5]",
                            f"exp_manager.explicit_log_dir={tmp_path}"],

@@ -129,9 +129,10 @@ class TokenizerConfig:
             raise ConfigError(f"{prefix}.chat_template=true needs library=huggingface (SentencePiece has none)")
 
 
-#: NeMo data keys that mean nothing here (worker processes, memory pinning, index files,
-#: generation, dataset names): accepted and reported once as ignored.
-NEMO_IGNORED_KEYS = ("num_workers", "memmap_workers", "pin_memory", "index_mapping_dir", "names",
+#: NeMo data keys that mean nothing here (memory pinning, index files, generation, dataset
+#: names): accepted and reported once as ignored. (``num_workers`` is a key here: the
+#: tokenising processes.)
+NEMO_IGNORED_KEYS = ("memmap_workers", "pin_memory", "index_mapping_dir", "names",
                      "tokens_to_generate", "output_file_path_prefix")
 #: NeMo keys accepted only at the value that matches what this pipeline does.
 NEMO_FIXED_KEYS = {"write_predictions_to_file": False, "global_sample_mapping": False}
@@ -156,7 +157,10 @@ class DataConfig:
     truncation_side: ``left`` (drop the start of the prompt) or ``right`` (drop the end).
     empty_loss_policy: ``error`` | ``skip`` for a sample with no trained token (after truncation).
     packing: pack several samples per row (``max_seq_length`` tokens each).
-    cache_dir: pre-tokenised cache directory; ``None`` disables the cache.
+    cache_dir: pre-tokenised cache directory; ``None``: the trainer uses
+        ``<run dir>/token_cache`` (used directly, ``None`` tokenises into a temporary directory).
+    num_workers: processes that tokenise (``None``: the node's CPUs, for data of
+        16 MiB or more, else 0); 0 tokenises in the rank's own process.
     seed: the data order's seed (``None``: ``model.seed``).
     shuffle: a new order every epoch (``None``: true for training, false for validation).
     drop_last: the last partial global batch of an epoch is left out (``True``) or filled up
@@ -186,6 +190,7 @@ class DataConfig:
     empty_loss_policy: str = "skip"
     packing: bool = True
     cache_dir: Optional[str] = None
+    num_workers: Optional[int] = None
     seed: Optional[int] = None
     shuffle: Optional[bool] = None
     drop_last: Optional[bool] = None
@@ -278,6 +283,8 @@ class DataConfig:
         for key in ("prompt_key", "response_key", "messages_key"):
             if not getattr(self, key):
                 raise ConfigError(f"{prefix}.{key}: must be a non-empty (dotted) key")
+        if self.num_workers is not None and (isinstance(self.num_workers, bool) or self.num_workers < 0):
+            raise ConfigError(f"{prefix}.num_workers: must be null (automatic) or an int >= 0, got {self.num_workers!r}")
         if self.seed is not None and self.seed < 0:
             raise ConfigError(f"{prefix}.seed: must be >= 0, got {self.seed}")
         for key in ("global_batch_size", "micro_batch_size"):
@@ -340,7 +347,7 @@ class DataConfig:
     def tokenization_settings(self) -> dict:
         """The settings that change tokenised output (part of the cache key)."""
         out = {k: getattr(self, k) for k in ("split", "schema", "prompt_key", "response_key", "messages_key")}
-        out["store_layout"] = 2  # per-file sample counts in the cache
+        out["store_layout"] = 3  # the cache format (3: has_target.npy, streamed writes; 2: per-file counts)
         if self.uses_template:
             out.update({k: getattr(self, k) for k in ("prompt_template", "label_key", "add_bos", "add_eos", "add_sep",
                                                        "truncation_field", "truncation_method")})

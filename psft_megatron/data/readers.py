@@ -1,6 +1,8 @@
 """Record readers: JSONL, Parquet, and Hugging Face ``save_to_disk`` directories (local only).
 
-``iter_records(path)`` yields ``(record: dict, Location)`` in file order. Parquet and Arrow
+``iter_records(path)`` yields ``(record: dict, Location)`` in file order; ``iter_chunks(path)``
+yields the same records in :class:`RecordChunk` s (raw lines or Arrow batches) that worker
+processes parse. Parquet and Arrow
 need ``pyarrow`` (optional: ``pip install -e '.[data]'``); a ``save_to_disk`` directory is read
 with pyarrow alone (``state.json`` lists the Arrow stream files), not with ``datasets``.
 """
@@ -9,7 +11,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, Iterator, List, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from psft_megatron.data.errors import DataError, Location
 from psft_megatron.optional import require
@@ -58,38 +61,78 @@ def _read_json(path: str, what: str):
                         "dataset", Location(path)) from None
 
 
-def iter_jsonl(path: str) -> Iterator[Tuple[Record, Location]]:
-    """One JSON object per line; blank lines are skipped. Errors name the 1-based line."""
+def _parse_jsonl_line(raw: bytes, loc: Location) -> Optional[Record]:
+    """One JSONL line -> its object (None for a blank line); errors name the line."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"not valid UTF-8 (byte offset {exc.start} in the line: {exc.reason})", loc) from None
+    if not text.strip():
+        return None
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as exc:
+        hint = ""
+        if loc.line == 1 and text.lstrip().startswith("["):
+            hint = " (a JSON array? this reader wants JSONL: one object per line; tools/prepare_data.py converts)"
+        raise DataError(f"malformed JSON: {exc.msg} at column {exc.colno}{hint}", loc) from None
+    if not isinstance(record, dict):
+        raise DataError(f"expected a JSON object per line, got {type(record).__name__}", loc)
+    return record
+
+
+@dataclass
+class RecordChunk:
+    """Up to a chunk's worth of consecutive records of one source, in a form that crosses to
+    a worker process cheaply: raw JSONL lines (``lines``, blank ones included, the first at
+    line ``first``) or an Arrow record batch (``batch``, its first row is row ``first``).
+    ``file`` is the path locations name; :meth:`records` parses them."""
+
+    file: str
+    first: int
+    lines: Optional[List[bytes]] = None
+    batch: Any = None
+
+    def records(self) -> Iterator[Tuple[Record, Location]]:
+        """``(record, Location)`` in order; errors name the line or row."""
+        if self.lines is not None:
+            for lineno, raw in enumerate(self.lines, start=self.first):
+                loc = Location(self.file, line=lineno)
+                record = _parse_jsonl_line(raw, loc)
+                if record is not None:
+                    yield record, loc
+            return
+        try:
+            rows = self.batch.to_pylist()
+        except Exception as exc:  # noqa: BLE001 - e.g. invalid UTF-8 in a string column
+            raise DataError(f"cannot read rows from {self.first} on: {exc}", Location(self.file, row=self.first)) \
+                from None
+        for i, record in enumerate(rows):
+            yield record, Location(self.file, row=self.first + i)
+
+
+def _jsonl_chunks(path: str, size: int) -> Iterator[RecordChunk]:
     with _open(path) as f:
-        for lineno, raw in enumerate(f, start=1):
-            loc = Location(path, line=lineno)
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise DataError(f"not valid UTF-8 (byte offset {exc.start} in the line: {exc.reason})", loc) from None
-            if not text.strip():
-                continue
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as exc:
-                hint = ""
-                if lineno == 1 and text.lstrip().startswith("["):
-                    hint = " (a JSON array? this reader wants JSONL: one object per line; tools/prepare_data.py converts)"
-                raise DataError(f"malformed JSON: {exc.msg} at column {exc.colno}{hint}", loc) from None
-            if not isinstance(record, dict):
-                raise DataError(f"expected a JSON object per line, got {type(record).__name__}", loc)
-            yield record, loc
+        lines: List[bytes] = []
+        first = 1
+        for raw in f:
+            lines.append(raw)
+            if len(lines) == size:
+                yield RecordChunk(path, first, lines=lines)
+                first += len(lines)
+                lines = []
+        if lines:
+            yield RecordChunk(path, first, lines=lines)
 
 
-def iter_parquet(path: str) -> Iterator[Tuple[Record, Location]]:
-    """Rows of a Parquet file; errors name the 0-based row."""
+def _parquet_chunks(path: str, size: int) -> Iterator[RecordChunk]:
     pq = require("pyarrow.parquet", "reading Parquet files")
     try:
         pf = pq.ParquetFile(path)
     except Exception as exc:  # noqa: BLE001
         raise DataError(f"cannot read Parquet file: {exc}", Location(path)) from None
     row = 0
-    batches = pf.iter_batches(batch_size=4096)
+    batches = pf.iter_batches(batch_size=size)
     while True:
         try:
             batch = next(batches)
@@ -97,13 +140,8 @@ def iter_parquet(path: str) -> Iterator[Tuple[Record, Location]]:
             return
         except Exception as exc:  # noqa: BLE001 - e.g. invalid UTF-8 in a string column
             raise DataError(f"cannot read rows from {row} on: {exc}", Location(path, row=row)) from None
-        try:
-            records = batch.to_pylist()
-        except Exception as exc:  # noqa: BLE001
-            raise DataError(f"cannot read rows from {row} on: {exc}", Location(path, row=row)) from None
-        for record in records:
-            yield record, Location(path, row=row)
-            row += 1
+        yield RecordChunk(path, row, batch=batch)
+        row += batch.num_rows
 
 
 def hf_dir_files(path: str, split: str = "train") -> Tuple[str, List[str]]:
@@ -129,7 +167,7 @@ def hf_dir_files(path: str, split: str = "train") -> Tuple[str, List[str]]:
     return path, files
 
 
-def iter_hf_dir(path: str, split: str = "train") -> Iterator[Tuple[Record, Location]]:
+def _hf_dir_chunks(path: str, split: str, size: int) -> Iterator[RecordChunk]:
     """Rows of a ``datasets`` save_to_disk directory (Arrow IPC stream files)."""
     pa = _pyarrow()
     row = 0
@@ -144,16 +182,30 @@ def iter_hf_dir(path: str, split: str = "train") -> Iterator[Tuple[Record, Locat
                 table = reader.read_all()
         except Exception as exc:  # noqa: BLE001
             raise DataError(f"cannot read Arrow file: {exc}", Location(arrow_file)) from None
-        for record in table.to_pylist():
-            yield record, Location(path, row=row)
-            row += 1
+        for batch in table.to_batches(max_chunksize=size):
+            yield RecordChunk(path, row, batch=batch)
+            row += batch.num_rows
+
+
+def iter_chunks(path: str, split: str = "train", size: int = 256) -> Iterator[RecordChunk]:
+    """The records of any supported source in chunks of up to ``size`` (``split``: of a
+    DatasetDict dir); errors opening or reading the file are raised here, errors in a record
+    by :meth:`RecordChunk.records`."""
+    fmt = detect_format(path)
+    if fmt == "jsonl":
+        return _jsonl_chunks(path, size)
+    if fmt == "parquet":
+        return _parquet_chunks(path, size)
+    return _hf_dir_chunks(path, split, size)
 
 
 def iter_records(path: str, split: str = "train") -> Iterator[Tuple[Record, Location]]:
-    """Records of any supported source, with their location (``split``: of a DatasetDict dir)."""
-    fmt = detect_format(path)
-    if fmt == "jsonl":
-        return iter_jsonl(path)
-    if fmt == "parquet":
-        return iter_parquet(path)
-    return iter_hf_dir(path, split)
+    """Records of any supported source, with their location (``split``: of a DatasetDict dir).
+    An unknown or missing source is an error here, before the first record is asked for."""
+    chunks = iter_chunks(path, split)
+    return (item for chunk in chunks for item in chunk.records())
+
+
+def iter_hf_dir(path: str, split: str = "train") -> Iterator[Tuple[Record, Location]]:
+    """Rows of a ``datasets`` save_to_disk directory."""
+    return (item for chunk in _hf_dir_chunks(path, split, 4096) for item in chunk.records())

@@ -10,22 +10,17 @@ downloaded: HF tokenizers load with ``local_files_only=True``.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from typing import List, Optional, Sequence
 
 from psft_megatron.data.config import TokenizerConfig
 from psft_megatron.data.errors import ConfigError
+from psft_megatron.data.fingerprint import HashMemo, hash_files
 
 
-def _hash_paths(paths: Sequence[str]) -> str:
-    h = hashlib.sha256()
-    for p in sorted(paths):
-        h.update(os.path.basename(p).encode())
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
+def _hash_paths(paths: Sequence[str], memo: Optional[HashMemo] = None) -> str:
+    """Fingerprint of tokenizer files: their names (not directories) and bytes."""
+    return hash_files(sorted((os.path.basename(p), p) for p in paths), memo)
 
 
 class Tokenizer:
@@ -55,7 +50,8 @@ class Tokenizer:
     def render_chat(self, messages: List[dict], add_generation_prompt: bool = False) -> str:
         raise ConfigError(f"model.tokenizer: the {self.library} tokenizer has no chat template")
 
-    def fingerprint(self) -> str:
+    def fingerprint(self, memo: Optional[HashMemo] = None) -> str:
+        """sha256 over the tokenizer's files (``memo``: remembered per-file hashes)."""
         raise NotImplementedError
 
 
@@ -108,10 +104,10 @@ class HFTokenizer(Tokenizer):
             return super().render_chat(messages, add_generation_prompt)
         return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
-    def fingerprint(self) -> str:
+    def fingerprint(self, memo: Optional[HashMemo] = None) -> str:
         files = [os.path.join(self.path, f) for f in os.listdir(self.path)
                  if os.path.isfile(os.path.join(self.path, f)) and not f.endswith((".safetensors", ".bin", ".pt"))]
-        return _hash_paths(files)
+        return _hash_paths(files, memo)
 
 
 class SPTokenizer(Tokenizer):
@@ -150,8 +146,8 @@ class SPTokenizer(Tokenizer):
         tid = self.sp.piece_to_id(token)
         return None if tid == self.sp.unk_id() and token != self.sp.id_to_piece(tid) else tid
 
-    def fingerprint(self) -> str:
-        return _hash_paths([self.path])
+    def fingerprint(self, memo: Optional[HashMemo] = None) -> str:
+        return _hash_paths([self.path], memo)
 
 
 def build_tokenizer(cfg: TokenizerConfig) -> Tokenizer:

@@ -5,9 +5,11 @@ sampler (epochs, or weighted mixing), the validation pass, and the data lines of
 :class:`psft_megatron.errors.ConfigError` naming the key for every bad data setting: unknown
 keys (with the closest valid one), wrong types and ranges, NeMo batch-size copies that differ
 from the model's, a validation batch that does not fit the data-parallel layout, validation
-asked for without a validation set. After the datasets are built (still before the first
-step) :meth:`DataSettings.train_sampler` and :meth:`DataSettings.validation_sampler` size
-them: a set too small for what is configured is a :class:`DataError` naming the key.
+asked for without a validation set. A ``cache_dir`` left unset becomes
+``<run dir>/token_cache`` (:func:`default_cache_dir`). After the datasets are built (still
+before the first step) :meth:`DataSettings.train_sampler` and
+:meth:`DataSettings.validation_sampler` size them: a set too small for what is configured is a
+:class:`DataError` naming the key.
 
 Validation (``trainer.val_check_interval``, ``trainer.limit_val_batches``) is a pass over the
 validation set in a fixed order: each sample at most once, the last partial global batch
@@ -17,6 +19,7 @@ over exactly the evaluated samples), or left out with ``validation_ds.drop_last`
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -138,6 +141,14 @@ def _unit(dataset) -> str:
     return "packed rows" if getattr(dataset, "rows", None) is not None else "samples"
 
 
+def default_cache_dir(cfg) -> str:
+    """``<run dir>/token_cache``: where a run keeps its token caches when ``cache_dir`` is not
+    set, so a restart (or a resume) of the run memory-maps them instead of tokenising again."""
+    from psft_megatron.training.trainer import log_dir_of
+
+    return os.path.join(log_dir_of(cfg), "token_cache")
+
+
 def load_data_settings(cfg, world_size: int) -> DataSettings:
     """Parse and check the data keys of a :class:`psft_megatron.config.schema.RunConfig` for a
     world of ``world_size`` processes (before torch.distributed starts)."""
@@ -146,6 +157,9 @@ def load_data_settings(cfg, world_size: int) -> DataSettings:
     train = DataConfig.from_dict(m.data.train_ds, prefix="model.data.train_ds")
     val = (DataConfig.from_dict(m.data.validation_ds, prefix="model.data.validation_ds")
            if m.data.validation_ds is not None else None)
+    for data in (train, val):
+        if data is not None and not data.cache_dir:
+            data.cache_dir = default_cache_dir(cfg)
     for key in ("global_batch_size", "micro_batch_size"):
         value = getattr(train, key)
         if value is not None and value != getattr(m, key):

@@ -12,9 +12,10 @@ load of every MoE layer.
 - ``moe_tokens_per_expert``: mean routed tokens per expert and layer (tokens x top-k / E).
 
 Token counts come from forward hooks on megatron's routers (the ``routing_map`` [tokens, E]
-they return): only forwards in training mode with gradients count, so the old-policy, reference
-and validation passes do not. Everything reduces in one all-reduce over the world on
-:func:`psft_megatron.distributed.runtime.device`.
+they return), added up on the device: only forwards in training mode with gradients count, so
+the old-policy, reference and validation passes do not. Everything reduces in one all-reduce
+over the world on :func:`psft_megatron.distributed.runtime.device`, and the per-layer ratios and
+means are computed there: the step reads its results to the host once (no host sync per layer).
 """
 
 from __future__ import annotations
@@ -59,10 +60,11 @@ class MoEMetrics:
         self.counts[router.layer_number - 1] += routing_map.sum(dim=0).to(self.counts.dtype)
 
     def step_metrics(self, num_microbatches: int) -> Dict[str, float]:
-        """The step's metrics (same on every rank; collective), then everything reset."""
+        """The step's metrics (same on every rank; collective), then everything reset. Reduced
+        on the device; ONE device-to-host read per step, whatever the number of layers."""
         from megatron.core import parallel_state
 
-        from psft_megatron.compat.releases import clear_moe_router_losses, moe_router_losses
+        from psft_megatron.compat.releases import moe_router_losses
         from psft_megatron.distributed.runtime import device
 
         losses = moe_router_losses()
@@ -77,26 +79,38 @@ class MoEMetrics:
             summed.append(over_group)
         flat = torch.cat([self.counts.flatten()] + rows)
         torch.distributed.all_reduce(flat)
-        counts = flat[: self.counts.numel()].view_as(self.counts)
         world = torch.distributed.get_world_size()
         pp = parallel_state.get_pipeline_model_parallel_world_size()
         tp_cp = parallel_state.get_tensor_model_parallel_world_size() * parallel_state.get_context_parallel_world_size()
         replicas = world // pp  # ranks holding one layer
-        moe_layers = [i for i in range(self.num_layers) if counts[i].sum() > 0]
+        # a value summed over TP x CP: one per DP replica; else one per rank
+        divisors = [(replicas // tp_cp if over_group else replicas) * max(num_microbatches, 1) for over_group in summed]
+        counts = flat[: self.counts.numel()].view_as(self.counts)  # [L, E] tokens routed, all ranks
+        losses_per_layer = flat[self.counts.numel():].view(len(wanted), -1) / torch.tensor(
+            divisors, dtype=flat.dtype, device=flat.device)[:, None]
+        routed = counts.sum(dim=1)
+        busiest = counts.max(dim=1).values / counts.mean(dim=1)  # NaN where a layer routed nothing (not MoE here)
+        host = torch.cat([routed, busiest, losses_per_layer.flatten()]).tolist()  # the step's one host read
+        return self._finish(wanted, host)
+
+    def _finish(self, wanted, host) -> Dict[str, float]:
+        """The metrics from the host copy of [routed tokens [L], busiest/mean [L], losses
+        [len(wanted), L]]; the counts and megatron's loss records reset."""
+        from psft_megatron.compat.releases import clear_moe_router_losses
+
+        n = self.num_layers
+        routed, busiest = host[:n], host[n: 2 * n]
+        moe_layers = [i for i in range(n) if routed[i] > 0]
         out: Dict[str, float] = {}
-        for (key, _), over_group, values in zip(wanted, summed, flat[self.counts.numel():].view(len(wanted), -1)):
-            # a value summed over TP x CP: one per DP replica; else one per rank
-            per_layer = values / ((replicas // tp_cp if over_group else replicas) * max(num_microbatches, 1))
+        for k, (key, _) in enumerate(wanted):
+            per_layer = host[(2 + k) * n: (3 + k) * n]
             if moe_layers:
-                out[key] = float(per_layer[moe_layers].mean())
-        worst = 0.0
+                out[key] = sum(per_layer[i] for i in moe_layers) / len(moe_layers)
         for i in moe_layers:
-            ratio = float(counts[i].max() / counts[i].mean())
-            out[f"moe_load_max_mean/layer_{i}"] = ratio
-            worst = max(worst, ratio)
+            out[f"moe_load_max_mean/layer_{i}"] = busiest[i]
         if moe_layers:
-            out["moe_load_max_mean"] = worst
-            out["moe_tokens_per_expert"] = float(counts[moe_layers].mean())
+            out["moe_load_max_mean"] = max(busiest[i] for i in moe_layers)
+            out["moe_tokens_per_expert"] = sum(routed[i] for i in moe_layers) / (len(moe_layers) * self.num_experts)
         self.counts.zero_()
         clear_moe_router_losses()
         return out

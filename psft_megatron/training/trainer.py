@@ -125,14 +125,6 @@ def _set_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state(states["cuda"])
 
 
-#: dense bf16 peak FLOP/s by GPU name fragment (for the MFU estimate; unknown GPUs get none)
-_GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "B200": 2250e12, "L40S": 362e12}
-
-
-def _gpu_peak_flops(name: str) -> Optional[float]:
-    return next((peak for key, peak in _GPU_PEAK_BF16.items() if key in name), None)
-
-
 def log_dir_of(cfg: RunConfig) -> str:
     em = cfg.exp_manager
     return em.explicit_log_dir or os.path.join(em.exp_dir, em.name)
@@ -167,7 +159,7 @@ class Trainer:
         self.step = 0
         self.history: List[Dict[str, float]] = []  # one record per optimizer step (all ranks)
         self.pending: List = []  # the open old-policy window: (micro-batches, sampler state after) per step
-        self.forward_only_s: Dict[int, float] = {}  # seconds of each pending batch's old-policy pass
+        self.forward_only: Dict[int, object] = {}  # each pending batch's old-policy pass: a timer Interval
         self.window_mode = "psft"
         self.sampler_state: Optional[dict] = None
         self.consecutive_skips = 0
@@ -254,7 +246,8 @@ class Trainer:
             from psft_megatron.training.moe_metrics import MoEMetrics
 
             self.moe_metrics = MoEMetrics(self.tm.chunks, self.tm.config)
-        self.num_parameters = self._count_parameters()
+        self.parameters = self._count_parameters()
+        self.num_parameters = self.parameters.total
         self.sampler_state = self.sampler.state_dict()
         self.checkpoints = CheckpointManager(os.path.join(self.log_dir, "checkpoints"),
                                              keep_last=cfg.exp_manager.checkpoint_callback_params.save_top_k)
@@ -278,16 +271,13 @@ class Trainer:
                                            self.val_sampler, cfg.trainer.val_check_interval):
                 print(line, flush=True)
 
-    def _count_parameters(self) -> int:
-        """Model parameters in total (each TP/PP shard counted once, DP/CP replicas not)."""
-        from megatron.core import parallel_state
+    def _count_parameters(self):
+        """Total and active (MoE: routed experts at top-k / E) parameters, each TP/PP/EP shard
+        counted once, DP/CP replicas not (:func:`psft_megatron.training.throughput.count_parameters`)."""
+        from psft_megatron.training.throughput import count_parameters
 
-        from psft_megatron.distributed.runtime import all_reduce_values
-
-        local = 0
-        if parallel_state.get_data_parallel_rank() == 0 and parallel_state.get_context_parallel_rank() == 0:
-            local = sum(p.numel() for chunk in self.tm.chunks for p in chunk.parameters())
-        return int(all_reduce_values([local])[0])
+        c = self.model_cfg
+        return count_parameters(self.tm.chunks, c.num_experts if c.is_moe else None, c.moe_router_topk)
 
     def _with_positions(self, metrics: List[dict], micros) -> List[dict]:
         """The step's loss metrics plus ``num_positions``: every position this rank ran through
@@ -300,32 +290,14 @@ class Trainer:
         local = float(sum(int(m["tokens"].numel()) for m in micros))
         return list(metrics) + [{"num_positions": torch.tensor([local, 1.0], device=self.info.device)}]
 
-    def _throughput(self, step_s: float, forward_only_s: float, positions: float) -> Dict[str, float]:
-        """Per-step time, throughput, peak memory and MFU, counting everything the step cost.
+    def _throughput(self, step, forward_only, positions: float) -> Dict[str, float]:
+        """Step time, throughput, peak memory and MFU with the active parameters
+        (:func:`psft_megatron.training.throughput.throughput_metrics`) from the step's timer
+        and its forward-only pass's (None: there was none)."""
+        from psft_megatron.training.throughput import throughput_metrics
 
-        - ``step_time_s``: forward + backward + optimizer; ``forward_only_s``: this batch's
-          old-policy pass (PSFT) or reference pass (SFT-KL), 0 for the first batch of a window;
-        - ``tokens_per_s``: positions trained (``num_positions``, all positions of the global
-          batch) per second of ``step_time_s + forward_only_s``, so PSFT's overhead shows;
-        - ``peak_mem_gib``: CUDA allocator peak on GPU, peak RSS of this process on CPU;
-        - ``mfu`` (GPUs with a known peak): (6 N positions + 2 N positions of the forward-only
-          pass) / (time x GPUs x peak bf16 dense FLOP/s), N = parameters; the usual dense
-          estimate, attention FLOPs not counted.
-        """
-        total = step_s + forward_only_s
-        out = {"step_time_s": step_s, "forward_only_s": forward_only_s,
-               "tokens_per_s": positions / max(total, 1e-9)}
-        if torch.cuda.is_available():
-            out["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-            peak = _gpu_peak_flops(torch.cuda.get_device_name())
-            if peak and total > 0:
-                flops = self.num_parameters * positions * (6.0 + (2.0 if forward_only_s > 0 else 0.0))
-                out["mfu"] = flops / (total * self.info.world_size * peak)
-        else:
-            import resource
-
-            out["peak_mem_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-        return out
+        return throughput_metrics(step.seconds(), forward_only.seconds() if forward_only else 0.0, positions,
+                                  self.parameters.active, self.info.world_size)
 
     def _load_initial_weights(self, chunks) -> None:
         path = self.cfg.model.restore_from_path
@@ -397,6 +369,7 @@ class Trainer:
         """
         from psft_megatron.training.forward import attach_logprobs, make_train_forward_step
         from psft_megatron.training.step import train_step
+        from psft_megatron.training.throughput import start_timer
 
         cfg, psft = self.cfg, self.cfg.model.psft
         forward_steps = {"psft": make_train_forward_step(self.loss), "sft": make_train_forward_step(self.sft_loss)}
@@ -409,24 +382,24 @@ class Trainer:
                 if not self.pending:
                     self._start_window(batches)
                 micros, sampler_state = self.pending.pop(0)
-                forward_only_s = self.forward_only_s.pop(id(micros), 0.0)  # its old-policy pass
+                forward_only = self.forward_only.pop(id(micros), None)  # its old-policy pass
                 if psft.loss == "sft_kl":
-                    start = time.time()
+                    forward_only = start_timer()
                     attach_logprobs(self.frozen, micros, self.loss, "ref_logprobs", seq_length=self._seq_length(micros))
-                    forward_only_s = time.time() - start
+                    forward_only.stop()
                 lr = self.tm.optimizer.param_groups[0]["lr"]  # what this step's update uses
-                start = time.time()
+                step_timer = start_timer()  # CUDA events on a GPU: the GPU's time, not the launches'
                 result = train_step(forward_steps[self.window_mode], [iter(micros) for _ in self.tm.chunks],
                                     self.tm.chunks, self.tm.optimizer, self.tm.scheduler,
                                     num_microbatches=len(micros), seq_length=self._seq_length(micros),
                                     micro_batch_size=int(micros[0]["tokens"].shape[0]))
-                elapsed = time.time() - start
+                step_timer.stop()
                 self.step += 1
                 self.sampler_state = sampler_state
                 last = self._share(self._with_positions(result.metrics, micros), STEP_KEYS + ("num_positions",))
                 last.update(lr=lr, phase=0.0 if self.window_mode == "sft" else 1.0,
                             epoch=_epochs(sampler_state))
-                last.update(self._throughput(elapsed, forward_only_s, last.get("num_positions", 0.0)))
+                last.update(self._throughput(step_timer, forward_only, last.get("num_positions", 0.0)))
                 if self.moe_metrics is not None:
                     last.update(self.moe_metrics.step_metrics(len(micros)))
                 if result.grad_norm is not None:
@@ -491,14 +464,15 @@ class Trainer:
     def _attach_old_logprobs(self, window: List[List[Dict[str, object]]]) -> None:
         """pi_old log-probs for a window of global batches (see the module docstring)."""
         from psft_megatron.training.forward import attach_logprobs
+        from psft_megatron.training.throughput import start_timer
 
         # frozen pi_old: every batch against the initial model; else batch 1 has ratio 1 (old =
         # current, detached) and batches 2..K get the window-start weights
         chunks, todo = (self.frozen, window) if self.frozen is not None else (self.tm.chunks, window[1:])
         for micros in todo:
-            start = time.time()
+            timer = start_timer()  # read when the batch's step is logged (no host sync here)
             attach_logprobs(chunks, micros, self.loss, "old_logprobs", seq_length=self._seq_length(micros))
-            self.forward_only_s[id(micros)] = time.time() - start
+            self.forward_only[id(micros)] = timer.stop()
 
     def validate(self) -> Dict[str, float]:
         """NLL and entropy on held-out data (``model.data.validation_ds``), forward only: one

@@ -31,6 +31,7 @@ import collections
 import contextlib
 import os
 import threading
+import time
 import traceback
 import types
 from typing import Any, Dict, List, Optional
@@ -60,6 +61,7 @@ _state = types.SimpleNamespace(
     d2h=collections.Counter(),  # device-to-host reads by op name
     d2h_where=collections.Counter(),  # device-to-host reads by call site
     collectives=collections.Counter(),
+    events=collections.Counter(),  # CUDA events: timed ones recorded, elapsed times read
     gloo_groups=set(),  # process groups created with backend="gloo" (CPU collectives)
 )
 
@@ -347,14 +349,25 @@ class _Stream:
 
 
 class _Event:
-    """Inert CUDA event."""
+    """A CUDA event: work is synchronous here, so recording one takes the host clock (timed
+    events, ``enable_timing=True``, are counted, as are elapsed-time reads)."""
 
-    def __init__(self, *args, **kwargs): pass
-    def record(self, stream=None): pass
+    def __init__(self, enable_timing=False, *args, **kwargs):
+        self.timing, self.when = enable_timing, None
+
+    def record(self, stream=None):
+        self.when = time.perf_counter()
+        _state.events["timed_recorded" if self.timing else "recorded"] += 1
+
     def wait(self, stream=None): pass
     def synchronize(self): pass
     def query(self): return True
-    def elapsed_time(self, other): return 0.0
+
+    def elapsed_time(self, other):
+        if not (self.timing and other.timing) or self.when is None or other.when is None:
+            raise RuntimeError("elapsed_time needs two recorded events created with enable_timing=True")
+        _state.events["elapsed_read"] += 1
+        return (other.when - self.when) * 1000.0
 
 
 def _device_properties(*args, **kwargs):
@@ -392,6 +405,13 @@ def _patch_torch_cuda() -> None:
     )
     for name, value in values.items():
         setattr(cuda, name, value)
+    record_stream = torch.Tensor.record_stream
+
+    def _record_stream(tensor, stream):  # the caching allocator's bookkeeping: nothing to do here
+        if not isinstance(stream, _Stream):
+            record_stream(tensor, stream)
+
+    torch.Tensor.record_stream = _record_stream
     cuda.random.get_rng_state = _cuda_get_rng_state
     cuda.random.set_rng_state = _cuda_set_rng_state
     cuda.nvtx.range_push = _noop
@@ -518,7 +538,7 @@ def install(local_rank: Optional[int] = None) -> None:
 def records() -> Dict[str, Any]:
     """What the lane saw so far: H2D copies, D2H reads, collectives."""
     return {"h2d": list(_state.h2d), "d2h": dict(_state.d2h), "d2h_where": dict(_state.d2h_where),
-            "collectives": dict(_state.collectives)}
+            "collectives": dict(_state.collectives), "events": dict(_state.events)}
 
 
 def reset_records() -> None:
@@ -526,6 +546,7 @@ def reset_records() -> None:
     _state.d2h.clear()
     _state.d2h_where.clear()
     _state.collectives.clear()
+    _state.events.clear()
 
 
 def on_device(t: Any) -> bool:

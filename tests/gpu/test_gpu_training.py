@@ -25,13 +25,13 @@ def workdir():
 @pytest.fixture(scope="module")
 def cpu_reference(workdir):
     # the same machine without its GPU: gloo, the CPU layer, the cpu spec, fp32
-    result = torchrun(WORKER, 1, ["--mode", "cpu", "--workdir", workdir], env={"CUDA_VISIBLE_DEVICES": ""})
+    result = torchrun(WORKER, 1, ["--mode", "cpu", "--workdir", workdir])  # no GPU visible: the CPU reference
     assert result["cpu"]["layer_spec"] == "cpu"
     return result["cpu"]["history"]
 
 
 def _gpu_runs(workdir, runs):
-    result = torchrun(WORKER, 1, ["--mode", "gpu", "--workdir", workdir, "--runs", ",".join(runs)])
+    result = torchrun(WORKER, 1, ["--mode", "gpu", "--workdir", workdir, "--runs", ",".join(runs)], gpu=True)
     for name in runs:
         assert "error" not in result[name], f"{name}: {result[name].get('traceback')}\n{result['log'][-4000:]}"
     return result

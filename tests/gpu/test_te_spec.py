@@ -9,7 +9,7 @@ from tests.parallel.launch import torchrun
 def test_te_spec_matches_cpu_spec_on_gpu():
     if not is_available("transformer_engine"):
         pytest.skip("transformer-engine not installed (pip install -e '.[te]')")
-    result = torchrun("tests/gpu/te_spec_worker.py", 1, [])
+    result = torchrun("tests/gpu/te_spec_worker.py", 1, [], gpu=True)
     assert result["backend"] == "nccl" and result["cpu_compat"] is False
     assert result["max_abs_logit_diff"] < 2e-3, result
     assert result["round_trip_logit_diff"] == 0.0, result  # cpu -> te -> cpu: the same weights

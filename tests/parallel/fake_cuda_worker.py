@@ -5,7 +5,9 @@ talks NCCL; values are computed on the CPU, and every misplaced tensor is an err
 
 Runs, in one launch (2 ranks): PSFT (K = 2) at TP=2+SP with validation and a periodic
 checkpoint, then a resume from that checkpoint; SFT-KL at PP=2 (reference pass through the
-pipeline); PSFT with packed rows (THD attention). All from the same initial weights. Records
+pipeline); PSFT with packed rows (THD attention); bf16; the fused output layer
+(``model.psft.fused_output_layer``); an MoE model at EP=2 (alltoall dispatcher, MoE metrics).
+All from the same initial weights (one checkpoint per architecture). Records
 per run: the history, whether every parameter / buffer / micro-batch tensor was on this rank's
 CUDA device, the host-to-device copies of the batches (pinned? non-blocking?), host syncs per
 step, collectives. ``--cpu`` runs the same on the CPU (no lane) for the value comparison.
@@ -57,7 +59,14 @@ RUNS = {
                      "model.data.train_ds.packing=true", "model.data.validation_ds.packing=true"], 3),
     "psft_bf16": (["model.tensor_model_parallel_size=2", "model.sequence_parallel=true", "trainer.precision=bf16",
                    "trainer.val_check_interval=0"], 2),
+    "psft_fused": (["model.tensor_model_parallel_size=2", "model.sequence_parallel=true",
+                    "model.psft.fused_output_layer=true", "trainer.val_check_interval=0"], 2),
+    "moe_ep2": (["model.tensor_model_parallel_size=1", "model.sequence_parallel=false",
+                 "model.expert_model_parallel_size=2", "trainer.val_check_interval=0"], 2),
 }
+#: the MoE architecture of configs/tiny_moe_cpu.yaml (its runs start from their own weights)
+MOE = ["model.num_experts=8", "model.moe_router_topk=2", "model.moe_ffn_hidden_size=32",
+       "model.moe_token_dispatcher_type=alltoall", "model.moe_aux_loss_coeff=0.001", "model.moe_router_dtype=fp32"]
 
 
 def record_loss_inputs(seen: set) -> None:
@@ -76,6 +85,19 @@ def record_loss_inputs(seen: set) -> None:
         return recorded
 
     PSFTLoss.loss_func = loss_func
+
+
+def count_fused_calls(calls: list) -> None:
+    """Count the fused output layer's calls (model.psft.fused_output_layer: no logits tensor)."""
+    from psft_megatron.losses import fused_output
+
+    original = fused_output.fused_linear_logprobs
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    fused_output.fused_linear_logprobs = counted
 
 
 class CheckingTrainer(Trainer):
@@ -124,6 +146,22 @@ def patch_forward(trainer_cls):
     forward.model_forward = model_forward
 
 
+def initial_weights(root: str, arch) -> str:
+    """The checkpoint every run of an architecture starts from: written at TP=1 by the first
+    launch (the CPU one), loaded by the next (the fake-CUDA one)."""
+    latest = os.path.join(root, "checkpoints", "latest")
+    if os.path.exists(latest):
+        with open(latest) as f:
+            return os.path.join(root, "checkpoints", f.read().strip())
+    init = Trainer(load_run_config(os.path.join(REPO, "configs"), "tiny_cpu", BASE + arch + [
+        "model.tensor_model_parallel_size=1", "model.sequence_parallel=false",
+        f"exp_manager.explicit_log_dir={root}"])[0])
+    init.setup()  # TP=1 only to write the initial weights
+    path = init.save()
+    init.close()
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
@@ -139,21 +177,14 @@ def main() -> None:
     patch_forward(CheckingTrainer)
     loss_dtypes = set()
     record_loss_inputs(loss_dtypes)
+    fused_calls = []
+    count_fused_calls(fused_calls)
 
     # one work dir for all ranks, named by the launch (torchrun's port) before any collective exists
     workdir = os.path.join(tempfile.gettempdir(), f"psft_fakecuda_{os.environ.get('MASTER_PORT', os.getpid())}")
     weights_root = args.weights or os.path.join(workdir, "init")
-    latest = os.path.join(weights_root, "checkpoints", "latest")
-    if os.path.exists(latest):
-        with open(latest) as f:
-            weights = os.path.join(weights_root, "checkpoints", f.read().strip())
-    else:
-        init = Trainer(load_run_config(os.path.join(REPO, "configs"), "tiny_cpu", BASE + [
-            "model.tensor_model_parallel_size=1", "model.sequence_parallel=false",
-            f"exp_manager.explicit_log_dir={weights_root}"])[0])
-        init.setup()  # TP=1 only to write the initial weights
-        weights = init.save()
-        init.close()
+    weights = {"dense": initial_weights(os.path.join(weights_root, "dense"), []),
+               "moe": initial_weights(os.path.join(weights_root, "moe"), MOE)}
 
     results = {}
     names = args.only.split(",") if args.only else list(RUNS)
@@ -163,6 +194,7 @@ def main() -> None:
         if not CPU:
             fake_cuda.reset_records()
         loss_dtypes.clear()
+        fused_calls.clear()
 
         class Run(CheckingTrainer):
             def setup(self):
@@ -171,11 +203,12 @@ def main() -> None:
 
         # No try/except: a rank that fails would leave the others waiting in a collective; the
         # launch fails instead, and torchrun prints the failing rank's traceback.
-        trainer = train_tiny(BASE + [f"model.restore_from_path={weights}", f"trainer.max_steps={steps}"]
-                             + overrides, log_dir, Run)
+        arch = MOE if name.startswith("moe") else []
+        trainer = train_tiny(BASE + arch + [f"model.restore_from_path={weights['moe' if arch else 'dense']}",
+                                            f"trainer.max_steps={steps}"] + overrides, log_dir, Run)
         entry = {"history": trainer.history, "misplaced": trainer.misplaced[:20],
                  "num_misplaced": len(trainer.misplaced), "loss_input_dtypes": sorted(loss_dtypes),
-                 "validation": trainer.val_history}
+                 "validation": trainer.val_history, "fused_calls": len(fused_calls)}
         if not CPU:
             entry["records"] = fake_cuda.records()
         CheckingTrainer.current = None

@@ -1,7 +1,13 @@
-"""Launch a worker script under torchrun from a test and return its JSON result."""
+"""Launch a worker script under torchrun (or functions under torch.multiprocessing) from a test.
+
+Every launch of the CPU lane runs with no GPU visible (``CUDA_VISIBLE_DEVICES=""``): on a GPU
+machine its ranks would otherwise pick NCCL and one GPU per local rank (more ranks than GPUs
+fail, and the parity tests are gloo layouts). Only tests/gpu asks for the GPUs (``gpu=True``).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -20,18 +26,46 @@ def hang_guard(seconds: float) -> float:
     return seconds * float(os.environ.get("PSFT_TEST_TIMEOUT_SCALE", "3"))
 
 
-def worker_env(**extra) -> dict:
+def worker_env(gpu: bool = False, **extra) -> dict:
     """The environment of a test's subprocess: one intra-op thread, no warnings, the repo
-    importable, and no rank-slot waits inside it (the launching test holds the slots)."""
+    importable, no rank-slot waits inside it (the launching test holds the slots) and, unless
+    ``gpu``, no GPU visible (a CPU-lane run on a GPU machine)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONPATH=REPO, PSFT_TEST_RANK_SLOTS="0")
+    if not gpu:
+        env["CUDA_VISIBLE_DEVICES"] = ""
     env.update(extra)
     return env
 
 
-def torchrun(script: str, nproc: int, args, timeout: int = 600, env: dict = None, python: str = None) -> dict:
-    """Run ``script`` on ``nproc`` processes (gloo on CPU, NCCL with CUDA); the script writes
-    JSON to ``--out``. ``env``: extra environment variables (``CUDA_VISIBLE_DEVICES=""`` forces
-    a CPU run on a GPU machine). ``python``: another interpreter (another environment: the
+@contextlib.contextmanager
+def no_visible_gpus():
+    """``CUDA_VISIBLE_DEVICES=""`` in this process's environment while the block runs: the
+    processes started in it (torch.multiprocessing, subprocess without ``env``) see no GPU."""
+    saved = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = saved
+
+
+def cpu_spawn(fn, args, nprocs: int) -> None:
+    """``torch.multiprocessing.spawn(fn, args, nprocs)`` on the CPU lane: ``nprocs`` rank slots
+    held, no GPU visible to the processes."""
+    import torch.multiprocessing as mp
+
+    with rank_slots(nprocs), no_visible_gpus():
+        mp.spawn(fn, args=args, nprocs=nprocs, join=True)
+
+
+def torchrun(script: str, nproc: int, args, timeout: int = 600, env: dict = None, python: str = None,
+             gpu: bool = False) -> dict:
+    """Run ``script`` on ``nproc`` processes (gloo on the CPU lane; ``gpu``: the machine's GPUs
+    visible, NCCL, tests/gpu only); the script writes JSON to ``--out``. ``env``: extra
+    environment variables. ``python``: another interpreter (another environment: the
     cross-release checkpoint test); default this one.
 
     The launch holds ``nproc`` machine-wide rank slots (tests/parallel/rank_slots.py) and runs
@@ -42,7 +76,7 @@ def torchrun(script: str, nproc: int, args, timeout: int = 600, env: dict = None
         cmd = [python or sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                os.path.join(REPO, script), *args, "--out", out]
         with rank_slots(nproc):
-            proc = subprocess.run(cmd, cwd=REPO, env=worker_env(**(env or {})), capture_output=True, text=True,
+            proc = subprocess.run(cmd, cwd=REPO, env=worker_env(gpu, **(env or {})), capture_output=True, text=True,
                                   timeout=hang_guard(timeout))
         log = proc.stdout + proc.stderr
         if proc.returncode != 0 or not os.path.exists(out):

@@ -207,11 +207,60 @@ def spec_keys() -> dict:
     return out
 
 
+class _HostReads(torch.overrides.TorchFunctionMode):
+    """Counts device-to-host reads of tensors (each is a host sync on a GPU)."""
+
+    READS = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy", "cpu"}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.count += getattr(func, "__name__", "") in self.READS
+        return func(*args, **(kwargs or {}))
+
+
+def _counting_trainer():
+    """A Trainer whose MoE metrics record their host reads per step (``host_reads``)."""
+    from psft_megatron.training.trainer import Trainer
+
+    class Counting(Trainer):
+        host_reads: list = []
+
+        def setup(self):
+            super().setup()
+            inner = self.moe_metrics.step_metrics
+
+            def step_metrics(num_microbatches):
+                with _HostReads() as reads:
+                    out = inner(num_microbatches)
+                self.host_reads.append(reads.count)
+                return out
+
+            self.moe_metrics.step_metrics = step_metrics
+
+    return Counting
+
+
+def _expert_parameters(trainer) -> dict:
+    """The trainer's parameter counts, and the same from the config and this rank's model:
+    SwiGLU experts of 3 h f parameters, E per MoE layer, EP=2 (each rank holds E/2)."""
+    c = trainer.model_cfg
+    per_expert = 3 * c.hidden_size * c.moe_ffn_hidden_size
+    moe_layers = sum(c.moe_layer_pattern())
+    local = sum(p.numel() for chunk in trainer.tm.chunks for p in chunk.parameters())  # dense + E/2 experts
+    return {"total": trainer.parameters.total, "active": trainer.parameters.active,
+            "expected_total": local + (c.num_experts // 2) * moe_layers * per_expert,
+            "expected_active": local + (c.num_experts // 2) * moe_layers * per_expert
+            - (c.num_experts - c.moe_router_topk) * moe_layers * per_expert}
+
+
 def train_tiny_moe(workdir: str) -> dict:
     """configs/tiny_moe_cpu.yaml through the trainer for 3 steps on this world (EP=2, DP=4):
-    the MoE metrics of each step (history) and what metrics.jsonl holds."""
+    the MoE metrics of each step (history), what metrics.jsonl holds, the host reads of the
+    MoE metrics per step and the parameter counts (total, active) for MFU."""
     from psft_megatron.config import load_run_config
-    from psft_megatron.training.trainer import Trainer
 
     from tests.parallel.launch import REPO
 
@@ -223,14 +272,15 @@ def train_tiny_moe(workdir: str) -> dict:
     cwd = os.getcwd()
     os.chdir(REPO)  # the config's data and tokenizer paths are relative to the repository
     try:
-        trainer = Trainer(cfg, resolved)
+        trainer = _counting_trainer()(cfg, resolved)
         trainer.setup()
         trainer.train()
         trainer.close()
     finally:
         os.chdir(cwd)
     out = {"history": [{k: v for k, v in h.items() if k.startswith("moe_") or k in ("step", "num_positions")}
-                       for h in trainer.history]}
+                       for h in trainer.history],
+           "host_reads": trainer.host_reads, "parameters": _expert_parameters(trainer)}
     if torch.distributed.get_rank() == 0:
         with open(os.path.join(log_dir, "metrics.jsonl")) as f:
             out["jsonl_keys"] = sorted(json.loads(f.readline()))
