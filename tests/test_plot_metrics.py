@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from tests.parallel.launch import REPO
+from tests.parallel.launch import REPO, worker_env
 
 TOOL = os.path.join(REPO, "tools", "plot_metrics.py")
 
@@ -62,7 +62,7 @@ def test_a_missing_pillow_is_one_line_with_the_install_command(tmp_path):
     code = (f"import sys, runpy; sys.modules['PIL'] = None; sys.argv = ['plot_metrics.py', {metrics!r}, '-o', "
             f"{str(tmp_path / 'x.png')!r}]\ntry:\n    runpy.run_path({TOOL!r}, run_name='__main__')\n"
             "except SystemExit as exc:\n    sys.exit(exc.code)\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=worker_env())
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == [
         "error: tools/plot_metrics.py needs Pillow: pip install pillow (or pip install -e . in this repository)"]

@@ -31,7 +31,7 @@ import sys
 
 import pytest
 
-from tests.parallel.launch import REPO, hang_guard
+from tests.parallel.launch import REPO, hang_guard, worker_env
 from tests.parallel.rank_slots import rank_slots
 
 MARKER = "<!-- tested: quick-start -->"
@@ -66,7 +66,8 @@ def _top_level_entries():
     """The repository's own top-level files and directories (git's when it is a checkout), so
     that nothing of the user's (a plot in the root, say) is linked and written through."""
     try:
-        tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+        tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True,
+                                 env=worker_env()).stdout
         names = {path.split("/", 1)[0] for path in tracked.splitlines() if path}
     except (OSError, subprocess.CalledProcessError):
         names = set(os.listdir(REPO))
@@ -97,7 +98,7 @@ def test_quick_start_block_runs_as_written(line, block, tmp_path):
     copy = _copy_of_the_repo(str(tmp_path))
     home = tmp_path / "home"
     home.mkdir()
-    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(home)}
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(home), "CUDA_VISIBLE_DEVICES": ""}  # the CPU quick start
     ranks = max([int(n) for n in re.findall(r"--nproc_per_node[= ](\d+)", block)] or [1])
     with rank_slots(ranks):
         proc = subprocess.run(["env", "-i", *(f"{k}={v}" for k, v in env.items()), "bash", "-e", "-c", block],
