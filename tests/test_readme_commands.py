@@ -102,7 +102,8 @@ def test_quick_start_block_runs_as_written(line, block, tmp_path):
     ranks = max([int(n) for n in re.findall(r"--nproc_per_node[= ](\d+)", block)] or [1])
     with rank_slots(ranks):
         proc = subprocess.run(["env", "-i", *(f"{k}={v}" for k, v in env.items()), "bash", "-e", "-c", block],
-                              cwd=copy, capture_output=True, text=True, timeout=hang_guard(300))
+                              cwd=copy, capture_output=True, text=True, timeout=hang_guard(300),
+                              env=worker_env())  # `env -i` then keeps only `env` above
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"README.md:{line} failed (exit {proc.returncode}):\n{block}\n---\n{out[-5000:]}"
     assert "Traceback" not in out, out[-5000:]
