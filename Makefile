@@ -74,9 +74,12 @@ print-current-python:
 	@echo $(CURRENT_VENV)/bin/python
 
 DEMO_DIR ?= runs/tiny_cpu
+# A second `make demo` continues the first run (or says there is nothing to train): it never
+# starts a new run over the old one (docs/long_jobs.md, "Run directories").
 demo: install
 	OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore $(PY) -m torch.distributed.run --standalone --nproc_per_node 2 \
-		pretrain_psft.py --config-path configs --config-name tiny_cpu exp_manager.explicit_log_dir=$(DEMO_DIR)
+		pretrain_psft.py --config-path configs --config-name tiny_cpu exp_manager.explicit_log_dir=$(DEMO_DIR) \
+		exp_manager.resume_if_exists=true
 	$(PY) tools/plot_metrics.py $(DEMO_DIR)/metrics.jsonl -o $(DEMO_DIR)/metrics.png
 	@echo
 	@echo "checkpoint:   $(DEMO_DIR)/checkpoints/$$(cat $(DEMO_DIR)/checkpoints/latest)"

@@ -1,16 +1,19 @@
 """Checkpoint integrity in one process: checksums written at save and verified by every reader
-(psft_megatron/checkpointing/integrity.py, dist_checkpoint.damaged). The checkpoints here are
+(psft_megatron/checkpointing/integrity.py, dist_checkpoint.damaged); the vocab check of a
+restore without model.yaml (checkpointing/restore.vocab_problem). The checkpoints here are
 small torch.distributed.checkpoint directories with the files of a megatron one (no model)."""
 
 import json
 import os
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from psft_megatron.checkpointing.dist_checkpoint import damaged
+from psft_megatron.checkpointing.dist_checkpoint import CheckpointInfo, damaged
 from psft_megatron.checkpointing.integrity import CHECKSUMS, write_checksums
+from psft_megatron.checkpointing.restore import vocab_problem
 
 
 def _checkpoint(path: str) -> str:
@@ -85,3 +88,21 @@ def test_a_checkpoint_written_before_checksums_gets_the_size_checks(saved, tmp_p
     os.remove(os.path.join(copy, CHECKSUMS))
     _overwrite(_data_file(copy), 100, b"\xff" * 8)
     assert damaged(copy, verify_data=True) is None
+
+
+def _model(vocab, unit=128):
+    return SimpleNamespace(vocab_size=vocab, make_vocab_size_divisible_by=unit)
+
+
+def test_vocab_of_a_restore_without_model_yaml():
+    recorded = CheckpointInfo("/c", common={"vocab_size": 512}, vocab_rows=512)
+    problem = vocab_problem(recorded, _model(384))
+    assert problem.startswith("model.vocab_size: the checkpoint /c has vocab size 512 (its common state), this "
+                              "run's model has 384;"), problem
+    assert vocab_problem(recorded, _model(512)) is None
+    from_config = CheckpointInfo("/c", common={"config": json.dumps({"model": {"vocab_size": 500}})}, vocab_rows=512)
+    assert "vocab size 500 (its training config)" in vocab_problem(from_config, _model(384))
+    # nothing recorded: only more vocab than stored rows is certain (384 at TP=2 is stored as 512)
+    rows_only = CheckpointInfo("/c", common={}, vocab_rows=512)
+    assert vocab_problem(rows_only, _model(384)) is None
+    assert "stores 512 embedding rows, fewer than this run's vocab size 600" in vocab_problem(rows_only, _model(600))
