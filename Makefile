@@ -34,12 +34,14 @@ LANE_LOGS ?= .lanes
 
 # Tests per lane, chosen by file (a file that does not exist yet is simply not there):
 # the fast lane runs what depends on megatron-core's internals and layouts: parity (with its
-# checkpoint scenarios), trainer, long jobs, checkpoints, conversion, fake CUDA, MoE (its fixes
-# are gated by release), and the version bridges and patches themselves.
+# checkpoint scenarios), trainer, long jobs, checkpoints (integrity, multi-node saves),
+# conversion, fake CUDA, MoE (its fixes are gated by release), and the version bridges and
+# patches themselves.
 FAST_TESTS ?= $(wildcard tests/test_parallel_parity.py tests/test_trainer.py tests/test_long_jobs.py \
 	tests/test_convert*.py tests/test_fake_cuda.py tests/test_cpu_compat.py \
 	tests/test_distopt_fixes.py tests/test_megatron_compat.py tests/test_cross_version_checkpoints.py \
-	tests/test_packaging.py tests/test_user_errors.py tests/test_moe*.py)
+	tests/test_packaging.py tests/test_user_errors.py tests/test_moe*.py tests/test_multinode.py \
+	tests/test_checkpoint_integrity.py)
 CURRENT_TESTS ?= tests
 
 .PHONY: install test test-fast test-current current-install demo clean print-fast-python print-current-python experiment
