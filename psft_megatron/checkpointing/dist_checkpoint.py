@@ -7,6 +7,12 @@ Megatron-LM does; the keys inside are global layer numbers, so VPP may change be
 and load. Distributed-optimizer state is saved ``fully_reshardable``
 (:data:`psft_megatron.compat.distopt_fixes.DISTOPT_SAVE_METADATA`), which DP changes need; a plain
 optimizer and a distributed optimizer checkpoint are not interchangeable.
+
+Before its data is used, a checkpoint is checked once per start (:func:`inspect_checkpoint`):
+global rank 0 reads its index, sizes, ``checksums.json`` and common state, every rank hashes
+its share of the data files, and every rank gets the same :class:`CheckpointInfo` (the common
+state included, so nothing is read twice). :func:`damaged` is the same check in one process
+(the converter).
 """
 
 from __future__ import annotations

@@ -171,6 +171,7 @@ class Trainer:
         self.preempted = False
         self.restored = None  # the model.yaml of model.restore_from_path (psft_megatron.checkpointing.model_record)
         self.restore_info = None  # its check, when its weights are read in this start
+        self.run_dir = None  # psft_megatron.checkpointing.run_dir.RunDir, once set-up decided it
         self.checkpoints: Optional[CheckpointManager] = None
         self.nothing_to_do: Optional[str] = None  # set when the resumed checkpoint is at or past max_steps
 
