@@ -261,12 +261,21 @@ def inspect_checkpoint(ckpt_dir: str, verify_data: bool = True) -> CheckpointInf
     from psft_megatron.checkpointing import integrity
     from psft_megatron.distributed.decisions import rank0_decides
 
-    info = rank0_decides(lambda: _inspect(ckpt_dir))
+    info = rank0_decides(lambda: _inspect_or_why(ckpt_dir))
     if info.problem or not verify_data or not info.checksums:
         return info
     hashed = integrity.hash_files(ckpt_dir, sorted(info.checksums))
     problem = rank0_decides(lambda: integrity.mismatch(ckpt_dir, info.checksums, hashed))
     return dataclasses.replace(info, problem=problem, common=None) if problem else info
+
+
+def _inspect_or_why(ckpt_dir: str) -> CheckpointInfo:
+    """:func:`_inspect`, with any failure (a file changed while it was read) as the problem:
+    rank 0 must answer, or the other ranks wait forever."""
+    try:
+        return _inspect(ckpt_dir)
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        return CheckpointInfo(ckpt_dir, f"{ckpt_dir}: cannot be read ({type(exc).__name__}: {exc})")
 
 
 def _checked(ckpt_dir: str) -> CheckpointInfo:

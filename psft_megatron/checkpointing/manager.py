@@ -141,7 +141,10 @@ class CheckpointManager:
             latest, problem = self.latest(), None
         except CheckpointError as exc:
             latest, problem = None, str(exc)
-        others = [path for path in reversed(self.checkpoints()) if path != latest]
+        try:
+            others = [path for path in reversed(self.checkpoints()) if path != latest]
+        except OSError as exc:  # rank 0 must answer, or the other ranks wait forever
+            raise CheckpointError(f"{self.root}: cannot be listed ({type(exc).__name__}: {exc})") from None
         return problem, ([latest] if latest else []) + others
 
     def resume_point(self, fallback: bool = True):

@@ -89,7 +89,9 @@ class SaveGuard:
             self.failure = f"rank {self.rank}: {type(exc).__name__}: {text}"
             if self.store is not None:
                 if self.store.add(self.key + "_count", 1) == 1:  # the first report of the job wins
-                    self.store.set(self.key, self.failure)
+                    # with the meeting it comes before: a rank still at an earlier meeting must
+                    # not take it for a failure of that step
+                    self.store.set(self.key, f"{self._meetings + 1} {self.failure}")
 
     def agree(self) -> Optional[str]:
         """Every rank: the first failure reported by any rank, or None once every rank has
@@ -104,14 +106,21 @@ class SaveGuard:
         arrived, everyone = f"{self.key}_arrived_{self._meetings}", f"{self.key}_all_{self._meetings}"
         if self.store.add(arrived, 1) == dist.get_world_size():
             self.store.set(everyone, "1")
-        while not self.store.check([self.key]):
+        while self._reported() is None:
             try:
                 self.store.wait([everyone], timedelta(seconds=POLL_S))
                 break
             except RuntimeError:  # not everyone yet (DistStoreError on the timeout): look for a failure again
                 continue
         # a failing rank reports before it arrives: once everyone has arrived, the report is final
-        return self.store.get(self.key).decode() if self.store.check([self.key]) else None
+        return self._reported()
+
+    def _reported(self) -> Optional[str]:
+        """The failure reported for a step up to this meeting, or None."""
+        if not self.store.check([self.key]):
+            return None
+        meeting, message = self.store.get(self.key).decode().split(" ", 1)
+        return message if int(meeting) <= self._meetings else None
 
     def _watch(self) -> None:
         first_seen = None
@@ -130,6 +139,6 @@ class SaveGuard:
                 if self.rank == 0:
                     from psft_megatron.errors import CheckpointError
 
-                    line = CheckpointError(self.describe(self.store.get(self.key).decode())).line()
+                    line = CheckpointError(self.describe(self.store.get(self.key).decode().split(" ", 1)[1])).line()
                     print(line, file=sys.stderr, flush=True)
                 os._exit(2)

@@ -401,10 +401,10 @@ class Trainer:
 
             load_checkpoint(self.restore_info.path, chunks, checked=True)
 
-    def _build_frozen_copy(self, resuming: bool) -> List:
-        """A frozen copy of the initial weights (the SFT-KL reference, or a frozen pi_old): of
-        the live model before a resume loads into it, except on a resume from
-        ``model.restore_from_path``, whose weights are then read into the copy only.
+    def _build_frozen_copy(self, resuming: bool = False) -> List:
+        """A frozen copy of the live model's current weights: at set-up, the initial weights
+        (the SFT-KL reference, or a frozen pi_old), taken before a resume loads into the model.
+        ``resuming`` with ``model.restore_from_path``: its weights are read into the copy only.
 
         Under FP8 it runs with the training recipe, except the delayed recipe: TE updates
         delayed scales only at the end of a forward with autograd enabled, and a frozen copy
