@@ -34,13 +34,14 @@ LANE_LOGS ?= .lanes
 
 # Tests per lane, chosen by file (a file that does not exist yet is simply not there):
 # the fast lane runs what depends on megatron-core's internals and layouts: parity (with its
-# checkpoint scenarios), trainer, long jobs, checkpoints, conversion, fake CUDA, MoE (its fixes
-# are gated by release), the version bridges and patches themselves, and the loss plug-in in
-# megatron's own loops (schedule contracts differ by release).
+# checkpoint scenarios), trainer, long jobs, checkpoints (integrity, multi-node saves),
+# conversion, fake CUDA, MoE (its fixes are gated by release), the version bridges and patches
+# themselves, and the loss plug-in in megatron's own loops (schedule contracts differ by release).
 FAST_TESTS ?= $(wildcard tests/test_parallel_parity.py tests/test_trainer.py tests/test_long_jobs.py \
 	tests/test_convert*.py tests/test_fake_cuda.py tests/test_cpu_compat.py \
 	tests/test_distopt_fixes.py tests/test_megatron_compat.py tests/test_cross_version_checkpoints.py \
-	tests/test_packaging.py tests/test_user_errors.py tests/test_moe*.py tests/test_plugin.py)
+	tests/test_packaging.py tests/test_user_errors.py tests/test_moe*.py tests/test_plugin.py \
+	tests/test_multinode.py tests/test_checkpoint_integrity.py)
 CURRENT_TESTS ?= tests
 
 .PHONY: install test test-fast test-current current-install demo clean print-fast-python print-current-python experiment
@@ -75,9 +76,12 @@ print-current-python:
 	@echo $(CURRENT_VENV)/bin/python
 
 DEMO_DIR ?= runs/tiny_cpu
+# A second `make demo` continues the first run (or says there is nothing to train): it never
+# starts a new run over the old one (docs/long_jobs.md, "Run directories").
 demo: install
 	OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --standalone --nproc_per_node 2 \
-		pretrain_psft.py --config-path configs --config-name tiny_cpu exp_manager.explicit_log_dir=$(DEMO_DIR)
+		pretrain_psft.py --config-path configs --config-name tiny_cpu exp_manager.explicit_log_dir=$(DEMO_DIR) \
+		exp_manager.resume_if_exists=true
 	$(PY) tools/plot_metrics.py $(DEMO_DIR)/metrics.jsonl -o $(DEMO_DIR)/metrics.png
 	@echo
 	@echo "checkpoint:   $(DEMO_DIR)/checkpoints/$$(cat $(DEMO_DIR)/checkpoints/latest)"

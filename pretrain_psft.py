@@ -7,7 +7,7 @@ Config: NeMo-style YAML composed by Hydra (``--config-path``, ``--config-name``,
 overrides); every key is in docs/config.md. Unknown keys are errors.
 
 Exit status: 0 when the run ends (``trainer.max_steps`` reached, or stopped by SIGTERM/SIGUSR1
-after saving a checkpoint); 2 for a bad config, data or checkpoint, reported as one line
+after saving a checkpoint, or resumed at or past ``trainer.max_steps``: nothing to train); 2 for a bad config, data or checkpoint, reported as one line
 (``config error: KEY: ...``, ``data error: FILE:line N: ...``, ``checkpoint error: PATH: ...``)
 by global rank 0, without a traceback on any rank.
 """
@@ -43,12 +43,16 @@ def run(args) -> int:
     trainer = Trainer(cfg, resolved)
     try:
         trainer.setup()
+        if trainer.nothing_to_do:  # resumed at or past trainer.max_steps: nothing trained, nothing written
+            if trainer.is_rank0:
+                print(trainer.nothing_to_do, flush=True)
+            return 0
         trainer.train()
         if trainer.preempted:
             return 0
-        latest = trainer.checkpoints.latest()
-        saved_here = latest is not None and latest.endswith(f"iter_{trainer.step:07d}")
-        path = trainer.save() if cfg.exp_manager.checkpoint_callback_params.save_last and not saved_here else latest
+        # every rank knows what this process saved (saves are collective): no file is read here
+        save = cfg.exp_manager.checkpoint_callback_params.save_last
+        path = trainer.save() if save else trainer.checkpoints.latest_path
         if trainer.is_rank0:
             print(f"done: {trainer.step} steps; logs in {trainer.log_dir}"
                   + (f"; checkpoint {path}" if path else ""), flush=True)

@@ -55,6 +55,15 @@ ERRORS = {
                                    "model.max_position_embeddings=256"]),
     "global_batch_6": ("config error:", ["model.global_batch_size=6 is not divisible by model.micro_batch_size * "
                                          "data-parallel size = 4*1"]),
+    "another_run": ("config error:", ["exp_manager.explicit_log_dir:", "/train holds another run (checkpoints "
+                                      "iter_0000002 .. iter_0000004, metrics.jsonl with 4 record(s))",
+                                      "set exp_manager.resume_if_exists=true to continue it",
+                                      "exp_manager.overwrite=true to move it aside"]),
+    "log_dir_file": ("config error:", ["exp_manager.explicit_log_dir:", "a_file is a file, not a directory"]),
+    "ckpt_dir_file": ("config error:", ["exp_manager.explicit_log_dir (its checkpoints/):",
+                                        "ckfile/checkpoints is a file, not a directory"]),
+    "vocab_mismatch": ("config error:", ["model.vocab_size: the checkpoint", "v512/checkpoints/iter_0000001 has vocab "
+                                         "size 512", "this run's model has 384"]),
 }
 
 
@@ -155,3 +164,53 @@ def test_world_of_one_exit_code_2(tmp_path):
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["config error: model.optim.betas=[0.9, 1.5] must be in [0, 1)"]
+
+
+def test_resume_at_or_past_max_steps_trains_and_writes_nothing(work):
+    r = cases(work)[0]
+    assert r["done"]["code"] == 0, r["done"]
+    out = r["done"]["stdout"]
+    assert "nothing to train: " in out and "iter_0000004 is at step 4 and trainer.max_steps=3" in out, out
+    assert "done:" not in out and "resumed from" not in out, out
+    assert r["train_unchanged"], "a refused new run or a resume with nothing to train changed the run directory"
+
+
+def test_changed_bytes_are_a_damaged_checkpoint_and_the_fallback_stays_in_the_run(work):
+    r = cases(work)[0]
+    out = r["corrupt_fallback"]["stdout"]
+    assert r["corrupt_fallback"]["code"] == 0, r["corrupt_fallback"]
+    assert "iter_0000004/__" in out and "sha256 mismatch" in out, out
+    assert "resuming from the newest intact checkpoint" in out and "iter_0000003 at step 3" in out, out
+    # iter_0000100 is another run's (intact, newer): never resumed, never rotated away
+    assert "iter_0000100" not in out.split("resuming from")[1], out
+    assert r["after_fallback"] == ["iter_0000003", "iter_0000004", "iter_0000005", "iter_0000100"]
+
+
+def test_overwrite_moves_the_old_run_aside_intact(work):
+    r = cases(work)[0]
+    assert r["overwrite"]["code"] == 0, r["overwrite"]
+    assert "exp_manager.overwrite: moved the previous run in" in r["overwrite"]["stdout"]
+    moved = r["moved"]
+    assert len(moved["names"]) == 1 and moved["intact"], moved
+    assert moved["new"] == ["iter_0000001", "latest"] and moved["records"] == 1, moved
+
+
+@pytest.mark.parametrize("where", ["data", "header"])
+def test_export_refuses_a_checkpoint_with_changed_bytes(work, tmp_path, where):
+    """The converter verifies the checksums before reading: a byte changed in tensor data or in
+    a record's header (the start of a data file) is named, not exported as garbage."""
+    import shutil
+
+    from psft_megatron.convert import ConversionError, convert_megatron_to_hf
+
+    cases(work)
+    src = os.path.join(work, "restore", "checkpoints")
+    with open(os.path.join(src, "latest")) as f:
+        ckpt = shutil.copytree(os.path.join(src, f.read().strip()), str(tmp_path / "ckpt"))
+    data = max((os.path.join(ckpt, n) for n in os.listdir(ckpt) if n.endswith(".distcp")), key=os.path.getsize)
+    with open(data, "r+b") as f:
+        f.seek(os.path.getsize(data) // 2 if where == "data" else 0)
+        f.write(os.urandom(256))
+    with pytest.raises(ConversionError, match=r"damaged checkpoint: .*\.distcp: sha256 mismatch"):
+        convert_megatron_to_hf(ckpt, str(tmp_path / "hf"))
+    assert not (tmp_path / "hf").exists()

@@ -1,9 +1,16 @@
 """Checkpoints: what is written, how a run finds and trusts one, and what a restore reads.
 
 - :mod:`~psft_megatron.checkpointing.dist_checkpoint`: megatron distributed checkpoints
-  (torch_dist) of model chunks and optimizer state; damaged-checkpoint checks; strict loads.
+  (torch_dist) of model chunks and optimizer state; damaged-checkpoint checks (once per start,
+  rank 0 deciding); strict loads.
+- :mod:`~psft_megatron.checkpointing.integrity`: ``checksums.json``, written at save, verified
+  by every reader.
 - :mod:`~psft_megatron.checkpointing.manager`: ``iter_NNNNNNN`` directories, atomic saves,
   ``latest``, rotation and the resume point.
+- :mod:`~psft_megatron.checkpointing.save_guard`: a failure on any rank during a save ends it on
+  every rank within seconds.
+- :mod:`~psft_megatron.checkpointing.run_dir`: the run directory: one run's, checked at start-up
+  (another run there, paths, a shared filesystem), the run id.
 - :mod:`~psft_megatron.checkpointing.model_record`: ``model.yaml``, the model a checkpoint holds.
 - :mod:`~psft_megatron.checkpointing.restore`: ``model.restore_from_path`` (weights only).
 

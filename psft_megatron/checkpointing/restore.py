@@ -23,17 +23,18 @@ def prepare_restore(model_section, announce: bool = True) -> Optional[ModelRecor
 
     Returns the checkpoint's record, or None (no restore, or an older checkpoint without
     model.yaml: then the YAML's architecture is used as it is, with a note).
-    Raises CheckpointError (path not a checkpoint, damaged) or ConfigError (a YAML
-    architecture key that differs from the checkpoint's).
+    Raises CheckpointError (path not a checkpoint) or ConfigError (a YAML architecture key
+    that differs from the checkpoint's). Its files are checked after distributed start, once,
+    and only when its weights are read (the trainer's ``_check_restore``).
     """
-    from psft_megatron.checkpointing.dist_checkpoint import damaged
+    from psft_megatron.checkpointing.dist_checkpoint import not_a_checkpoint
 
     path = model_section.restore_from_path
     if not path:
         return None
-    problem = damaged(path)
+    problem = not_a_checkpoint(path)
     if problem:
-        raise CheckpointError(f"model.restore_from_path: {problem}")
+        raise CheckpointError(f"model.restore_from_path: {path}: {problem}")
     record = read_model_record(path)
     if record is None:
         if announce:
@@ -61,17 +62,60 @@ def describe_restore(path: str, record: Optional[ModelRecord], arch: Dict[str, A
 
 
 def record_for_save(model_cfg, tokenizer: Dict[str, Any], step: int, restored_from: Optional[str],
-                    restored: Optional[ModelRecord]) -> Dict[str, Any]:
+                    restored: Optional[ModelRecord], run_id: Optional[str] = None) -> Dict[str, Any]:
     """Arguments of :func:`psft_megatron.checkpointing.model_record.write_model_record` for a training
-    checkpoint at ``step``: its model, its tokenizer (paths absolute) and its origin."""
+    checkpoint at ``step``: its model, its tokenizer (paths absolute) and its origin (the run
+    id included)."""
     tok = dict(tokenizer or {})
     for key in ("model", "type"):
         if isinstance(tok.get(key), str) and os.path.exists(tok[key]):
             tok[key] = os.path.abspath(tok[key])
     source = {"kind": "trained", "step": step}
+    if run_id:
+        source["run_id"] = run_id
     if restored_from:
         source["restored_from"] = os.path.abspath(restored_from)
     hf_config = restored.hf_config_dir if restored else None
     if hf_config:
         source["hf_config"] = os.path.abspath(hf_config)
     return {"model": model_cfg, "tokenizer": tok, "source": source}
+
+
+def vocab_problem(info, model_cfg) -> Optional[str]:
+    """For a restore without model.yaml: why the checkpoint's vocabulary is not the model's, in
+    one line naming both sizes and the key, or None.
+
+    The checkpoint's vocab size comes from its common state (``vocab_size``, every training
+    checkpoint since run ids), else from its training config (``model.vocab_size``, when it was
+    set). Without either only the stored embedding rows are known: the vocab padded at the
+    saving TP, which fits any smaller vocab (TP=4 pads every vocab up to 512 to 512 rows), so
+    only a model vocab larger than the stored rows is certain to differ.
+
+    Args:
+        info: the restore checkpoint's
+            :class:`~psft_megatron.checkpointing.dist_checkpoint.CheckpointInfo`.
+        model_cfg: the run's :class:`psft_megatron.model.ModelConfig`.
+    """
+    import json
+
+    common = info.common or {}
+    vocab, source = common.get("vocab_size"), "its common state"
+    if vocab is None:
+        try:
+            vocab = (json.loads(common.get("config") or "{}").get("model") or {}).get("vocab_size")
+        except (TypeError, ValueError, AttributeError):
+            vocab = None
+        source = "its training config"
+    want = model_cfg.vocab_size
+    fix = ("set model.vocab_size (default: the tokenizer's) and the tokenizer to the checkpoint's, or restore a "
+           "checkpoint of this vocabulary")
+    if vocab is not None:
+        if int(vocab) == want:
+            return None
+        return (f"model.vocab_size: the checkpoint {info.path} has vocab size {vocab} ({source}), this run's model "
+                f"has {want}; {fix}")
+    rows = info.vocab_rows
+    if rows is None or want <= rows:
+        return None
+    return (f"model.vocab_size: the checkpoint {info.path} stores {rows} embedding rows, fewer than this run's vocab "
+            f"size {want}; {fix}")

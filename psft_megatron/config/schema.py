@@ -64,6 +64,7 @@ class ExpManagerSection:
     wandb_logger_kwargs: Dict[str, Any] = field(default_factory=dict)
     resume_if_exists: bool = True
     resume_fallback: bool = True  # a damaged latest checkpoint: resume from the newest intact one
+    overwrite: bool = False  # a new run into a directory holding another run: move that run aside to <dir>.old-<time>
     checkpoint_callback_params: CheckpointSection = field(default_factory=CheckpointSection)
 
 

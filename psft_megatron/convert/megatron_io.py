@@ -174,6 +174,9 @@ def write_checkpoint(cfg: ModelConfig, out_dir: str, tensor_fn: Callable[[str], 
     from psft_megatron.compat.releases import write_legacy_common_state
 
     write_legacy_common_state(out_dir)  # loadable by every supported megatron-core release
+    from psft_megatron.checkpointing.integrity import write_checksums
+
+    write_checksums(out_dir)
 
 
 def _region_of(value) -> Tuple[str, Tuple[int, ...], Tuple[int, ...]]:
@@ -323,6 +326,11 @@ class CheckpointReader:
 
         if not dist_checkpointing.check_is_distributed_checkpoint(ckpt_dir):
             raise ConversionError(f"{ckpt_dir}: not a megatron distributed checkpoint (no metadata.json)")
+        from psft_megatron.checkpointing.dist_checkpoint import damaged
+
+        problem = damaged(ckpt_dir, verify_data=True)  # sizes, and one streaming pass over the checksums
+        if problem:
+            raise ConversionError(f"damaged checkpoint: {problem}")
         self.cfg, self.dir = cfg, ckpt_dir
         self.sharded = meta_sharded_state_dict(cfg, any_world=True)
         self.full_metadata = dcp.FileSystemReader(ckpt_dir).read_metadata()

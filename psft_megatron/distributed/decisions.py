@@ -7,6 +7,8 @@ decides; the decision (any picklable value) or the :class:`~psft_megatron.errors
 raised reaches every rank by one broadcast.
 
 - :func:`rank0_decides`: run a decision on rank 0, return it on every rank.
+- :func:`rank0_gathers`: every rank's finding (a few bytes each) on rank 0 only, for rank 0
+  to decide from (one gather: no rank receives the whole world's values).
 - :func:`ranks_seeing`: which ranks see a file that rank 0 has just written into a directory
   (a shared filesystem check).
 - :func:`require_shared_directory`: stop on every rank, in one line, when some rank does not.
@@ -69,11 +71,23 @@ def rank0_decides(fn: Callable[[], T], share_value: bool = True) -> Optional[T]:
     return value if dist.get_rank() == 0 else shared
 
 
+def rank0_gathers(value: T) -> Optional[List[T]]:
+    """Every global rank's ``value`` (picklable), in rank order, on global rank 0; None on the
+    other ranks. One gather: rank 0 receives world_size values, the others send one."""
+    dist = _world()
+    if dist is None:
+        return [value]
+    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(value, gathered, dst=0)
+    return gathered
+
+
 def ranks_seeing(directory: str) -> List[bool]:
     """For every global rank: does it see the file that rank 0 writes into ``directory``?
 
     Rank 0 creates ``directory`` if needed and writes a file with a fresh nonce; after a
-    barrier every rank reads it back; rank 0 removes it. One all-gather. A rank on another
+    barrier every rank reads it back; rank 0 removes it. One gather to rank 0 and one broadcast
+    of the answers (no all-gather: O(world) traffic). A rank on another
     node's local disk sees no such file (or another nonce): False.
     """
     dist = _world()
@@ -92,8 +106,7 @@ def ranks_seeing(directory: str) -> List[bool]:
             seen = f.read() == nonce
     except OSError:
         seen = False
-    seen_by = [None] * dist.get_world_size()
-    dist.all_gather_object(seen_by, (seen, socket.gethostname()))
+    seen_by = _broadcast_outcome(dist, rank0_gathers((seen, socket.gethostname())))  # O(world), not O(world^2)
     if dist.get_rank() == 0:
         try:
             os.remove(name)

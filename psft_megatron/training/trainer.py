@@ -166,6 +166,10 @@ class Trainer:
         self.skipped_steps = 0
         self.preempted = False
         self.restored = None  # the model.yaml of model.restore_from_path (psft_megatron.checkpointing.model_record)
+        self.restore_info = None  # its check, when its weights are read in this start
+        self.run_dir = None  # psft_megatron.checkpointing.run_dir.RunDir, once set-up decided it
+        self.checkpoints: Optional[CheckpointManager] = None
+        self.nothing_to_do: Optional[str] = None  # set when the resumed checkpoint is at or past max_steps
 
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:
@@ -187,12 +191,19 @@ class Trainer:
         self.parallel = ParallelConfig.from_section(m, warn=(lambda line: print(line, flush=True)) if rank0 else None)
         self.info = initialize(self.parallel, seed=m.seed)
         self.is_rank0 = self.info.rank == 0
+        resume = self._open_run()  # the run directory and the resume point, decided by rank 0
+        if self.nothing_to_do:
+            return
 
         self.tokenizer = build_tokenizer(tok_cfg)
         self.model_cfg = model_config(m.architecture, self.tokenizer.vocab_size, str(cfg.trainer.precision))
         if self.model_cfg.vocab_size < self.tokenizer.vocab_size:
             raise ConfigError(f"model.vocab_size={self.model_cfg.vocab_size} is smaller than the tokenizer's "
                               f"{self.tokenizer.vocab_size} ({tok_cfg.model or tok_cfg.type})")
+        psft = m.psft
+        # A frozen copy of the initial weights: the SFT-KL reference, or pi_old when frozen.
+        needs_frozen = psft.loss == "sft_kl" or (psft.loss == "psft" and psft.freeze_old_policy)
+        self.restore_info = self._check_restore(resuming=resume is not None, needs_frozen=needs_frozen)
 
         tp, cp, sp = self.parallel.tensor_model_parallel_size, self.parallel.context_parallel_size, \
             self.parallel.sequence_parallel
@@ -219,27 +230,24 @@ class Trainer:
             c = self.model_cfg
             experts = (f", {c.num_experts} experts top-{c.moe_router_topk} in "
                        f"{sum(c.moe_layer_pattern())} MoE layers" if c.is_moe else "")
+            restoring = m.restore_from_path and resume is None
             print(f"building the model: {c.num_layers} layers, hidden {c.hidden_size}, vocab {c.vocab_size}{experts} "
                   f"({c.params_dtype}) at {self.parallel.describe()} on {self.info.world_size} process(es)"
-                  + (f"; then restoring its weights from {m.restore_from_path}" if m.restore_from_path else ""),
-                  flush=True)
+                  + (f"; then restoring its weights from {m.restore_from_path}" if restoring else ""), flush=True)
         self.tm = setup_model_and_optimizer(
             self.model_cfg, self.parallel, pre.optimizer, schedule=pre.schedule, layer_spec=pre.layer_spec,
             use_distributed_optimizer=optim.use_distributed_optimizer,
-            overlap_grad_reduce=optim.overlap_grad_reduce, after_build=self._load_initial_weights,
+            overlap_grad_reduce=optim.overlap_grad_reduce, after_build=None if resume else self._load_initial_weights,
             fp8=self.fp8)
         if self.is_rank0:
-            if m.restore_from_path:
+            if m.restore_from_path and resume is None:
                 print(describe_restore(m.restore_from_path, self.restored, dataclasses.asdict(self.model_cfg)), flush=True)
             print(f"model: layer spec {self.tm.layer_spec}, FP8 {self.fp8.describe()}", flush=True)
 
-        psft = m.psft
         self.loss, self.sft_loss = PSFTLoss(pre.loss), PSFTLoss(pre.sft_loss)
         if psft.loss == "psft" and psft.old_policy_interval == 1 and not psft.freeze_old_policy and self.is_rank0:
             print("WARNING: model.psft.old_policy_interval=1: the ratio is always 1 and PSFT equals SFT", flush=True)
-        # A frozen copy of the initial weights: the SFT-KL reference, or pi_old when frozen.
-        needs_frozen = psft.loss == "sft_kl" or (psft.loss == "psft" and psft.freeze_old_policy)
-        self.frozen = self._build_frozen_copy() if needs_frozen else None
+        self.frozen = self._build_frozen_copy(resuming=resume is not None) if needs_frozen else None
         self.dp_cp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
         self.moe_metrics = None  # aux loss and expert load per step (MoE models)
         if self.model_cfg.is_moe:
@@ -249,19 +257,13 @@ class Trainer:
         self.parameters = self._count_parameters()
         self.num_parameters = self.parameters.total
         self.sampler_state = self.sampler.state_dict()
-        self.checkpoints = CheckpointManager(os.path.join(self.log_dir, "checkpoints"),
-                                             keep_last=cfg.exp_manager.checkpoint_callback_params.save_top_k)
-        latest, why = (self.checkpoints.resume_point(cfg.exp_manager.resume_fallback)
-                       if cfg.exp_manager.resume_if_exists else (None, None))
-        if why and self.is_rank0:
-            print(f"checkpoint: {why}", flush=True)
-        if latest:
-            self._resume(latest)
+        if resume:
+            self._resume(resume)
         self.metrics_log = MetricsLogger(
             self.log_dir, cfg.trainer.max_steps, enabled=self.is_rank0,
             tensorboard=cfg.exp_manager.create_tensorboard_logger,
             wandb_kwargs=(cfg.exp_manager.wandb_logger_kwargs if cfg.exp_manager.create_wandb_logger else None),
-            progress=cfg.trainer.progress_bar, resume_step=self.step if latest else None)
+            progress=cfg.trainer.progress_bar, resume_step=self.step if resume else None)
         if self.is_rank0:
             os.makedirs(self.log_dir, exist_ok=True)
             with open(os.path.join(self.log_dir, "config_resolved.json"), "w") as f:
@@ -299,15 +301,63 @@ class Trainer:
         return throughput_metrics(step.seconds(), forward_only.seconds() if forward_only else 0.0, positions,
                                   self.parameters.active, self.info.world_size)
 
-    def _load_initial_weights(self, chunks) -> None:
+    def _open_run(self):
+        """The run directory (:mod:`psft_megatron.checkpointing.run_dir`) and the checkpoint to
+        resume from, decided by global rank 0 and known on every rank. Sets ``checkpoints`` and,
+        when the resumed checkpoint is at or past ``trainer.max_steps``, ``nothing_to_do`` (the
+        line to print; nothing is written then). Returns the resume checkpoint's
+        :class:`~psft_megatron.checkpointing.dist_checkpoint.CheckpointInfo`, or None."""
+        from psft_megatron.checkpointing.run_dir import check_writable, prepare_run_dir
+
+        em = self.cfg.exp_manager
+        self.run_dir = prepare_run_dir(em, self.log_dir)
+        self.checkpoints = CheckpointManager(os.path.join(self.log_dir, "checkpoints"),
+                                             keep_last=em.checkpoint_callback_params.save_top_k,
+                                             run_id=self.run_dir.run_id)
+        resume, why = self.checkpoints.resume_point(em.resume_fallback) if self.run_dir.resume else (None, None)
+        if why and self.is_rank0:
+            print(f"checkpoint: {why}", flush=True)
+        max_steps = self.cfg.trainer.max_steps
+        if resume is not None and int(resume.common["iteration"]) >= max_steps:
+            self.step = int(resume.common["iteration"])
+            self.nothing_to_do = (f"nothing to train: {resume.path} is at step {self.step} and trainer.max_steps="
+                                  f"{max_steps}; raise trainer.max_steps to train further (nothing was written)")
+            return resume
+        check_writable(self.run_dir)
+        self.checkpoints.run_id = self.run_dir.settle_run_id(resume.common if resume else None)
+        return resume
+
+    def _check_restore(self, resuming: bool, needs_frozen: bool):
+        """Check ``model.restore_from_path`` once (rank 0 reads, the data hashed by every rank)
+        when this start reads its weights: a new run (the initial weights), or a resume that
+        needs the frozen copy of them (a resume takes the trained weights from its checkpoint
+        and never reads the restore into the model). Without a model.yaml the checkpoint's vocab
+        must be the model's. Returns its CheckpointInfo, or None when it is not read."""
+        from psft_megatron.checkpointing.dist_checkpoint import inspect_checkpoint
+        from psft_megatron.checkpointing.restore import vocab_problem
+        from psft_megatron.errors import CheckpointError
+
         path = self.cfg.model.restore_from_path
-        if path:
+        if not path or (resuming and not needs_frozen):
+            return None
+        info = inspect_checkpoint(path)
+        if info.problem:
+            raise CheckpointError(f"model.restore_from_path: {info.problem}")
+        problem = None if self.restored else vocab_problem(info, self.model_cfg)
+        if problem:
+            raise ConfigError(problem)
+        return info
+
+    def _load_initial_weights(self, chunks) -> None:
+        if self.restore_info is not None:
             from psft_megatron.checkpointing.dist_checkpoint import load_checkpoint
 
-            load_checkpoint(path, chunks)
+            load_checkpoint(self.restore_info.path, chunks, checked=True)
 
-    def _build_frozen_copy(self) -> List:
-        """A frozen copy of the current weights (the SFT-KL reference, or a frozen pi_old).
+    def _build_frozen_copy(self, resuming: bool = False) -> List:
+        """A frozen copy of the live model's current weights: at set-up, the initial weights
+        (the SFT-KL reference, or a frozen pi_old), taken before a resume loads into the model.
+        ``resuming`` with ``model.restore_from_path``: its weights are read into the copy only.
 
         Under FP8 it runs with the training recipe, except the delayed recipe: TE updates
         delayed scales only at the end of a forward with autograd enabled, and a frozen copy
@@ -322,8 +372,17 @@ class Trainer:
         if self.fp8.has_scaling_state:
             config = dataclasses.replace(config, fp8=None)
         chunks = build_gpt_chunks(self.model_cfg, config, self.tm.layer_spec)
+        from_restore = resuming and self.restore_info is not None  # else the live model holds them (no resume yet)
+        if from_restore:
+            from psft_megatron.checkpointing.dist_checkpoint import load_checkpoint
+
+            load_checkpoint(self.restore_info.path, chunks, checked=True)
+            if self.is_rank0:
+                print(f"frozen copy of the initial weights: read from {self.restore_info.path} "
+                      "(model.restore_from_path)", flush=True)
         for frozen, live in zip(chunks, self.tm.chunks):
-            frozen.load_state_dict(unwrap(live).state_dict())
+            if not from_restore:
+                frozen.load_state_dict(unwrap(live).state_dict())
             frozen.requires_grad_(False)
             frozen.eval()
         return chunks
@@ -458,7 +517,7 @@ class Trainer:
         if limit and self.consecutive_skips >= limit:
             return (f"stopping at step {self.step}: {self.consecutive_skips} consecutive steps with a non-finite "
                     f"{' and '.join(bad)} (trainer.max_consecutive_skipped_steps={limit}); last good checkpoint: "
-                    f"{self.checkpoints.latest() or '(none)'}")
+                    f"{self.checkpoints.latest_path or '(none)'}")
         return None
 
     def _attach_old_logprobs(self, window: List[List[Dict[str, object]]]) -> None:
@@ -494,11 +553,20 @@ class Trainer:
         return metrics
 
     def save(self) -> str:
-        """Atomic checkpoint of everything a resume needs (see docs/long_jobs.md)."""
+        """Atomic checkpoint of everything a resume needs (see docs/long_jobs.md); a step is
+        saved once. Everything is gathered inside the guarded save, so a failure on any rank
+        (even building the state) ends the save on every rank."""
+        return self.checkpoints.save(self.step, self._write_checkpoint)
+
+    def _write_checkpoint(self, path: str) -> None:
+        """The collective write of :meth:`save` into ``path``."""
         from psft_megatron.checkpointing.dist_checkpoint import save_checkpoint, uses_distributed_optimizer
+        from psft_megatron.training.batches import to_host
 
         common = {
             "iteration": self.step,
+            "run_id": self.checkpoints.run_id,
+            "vocab_size": self.model_cfg.vocab_size,
             "scheduler": self.tm.scheduler.state_dict(),
             "sampler": self.sampler_state,
             "skipped_steps": self.skipped_steps,
@@ -507,29 +575,24 @@ class Trainer:
             "distributed_optimizer": uses_distributed_optimizer(self.tm.optimizer),
             "config": json.dumps(self.resolved, sort_keys=True),
         }
-        from psft_megatron.training.batches import to_host
-
         per_rank = {"rng": _rng_states(),
                     "pending_old_logprobs": to_host([[m.get("old_logprobs") for m in micros]
                                                      for micros, _ in self.pending])}
+        save_checkpoint(path, self.tm.chunks, self.tm.optimizer, common=common, per_rank=per_rank)
+        if torch.distributed.get_rank() == 0:
+            record = record_for_save(self.model_cfg, self.cfg.model.tokenizer, self.step,
+                                     self.cfg.model.restore_from_path, self.restored, run_id=self.checkpoints.run_id)
+            write_model_record(path, **record)  # the model this checkpoint holds (export, restore)
 
-        record = record_for_save(self.model_cfg, self.cfg.model.tokenizer, self.step, self.cfg.model.restore_from_path,
-                                 self.restored)
+    def _resume(self, resume) -> None:
+        """Load a checkpoint written by :meth:`save` (``resume``: its CheckpointInfo, checked
+        once in this start): weights, optimizer, schedule, counters, data position, RNG and
+        (same layout only) the open old-policy window."""
+        from psft_megatron.checkpointing.dist_checkpoint import load_checkpoint, uses_distributed_optimizer
 
-        def write(path: str) -> None:
-            save_checkpoint(path, self.tm.chunks, self.tm.optimizer, common=common, per_rank=per_rank)
-            if torch.distributed.get_rank() == 0:
-                write_model_record(path, **record)  # the model this checkpoint holds (export, restore)
-
-        return self.checkpoints.save(self.step, write)
-
-    def _resume(self, path: str) -> None:
-        """Load a checkpoint written by :meth:`save`: weights, optimizer, schedule, counters,
-        data position, RNG and (same layout only) the open old-policy window."""
-        from psft_megatron.checkpointing.dist_checkpoint import load_checkpoint, load_common, uses_distributed_optimizer
         from psft_megatron.training.run_objects import resumed_schedule_note
 
-        common = load_common(path)
+        path, common = resume.path, resume.common
         mine = uses_distributed_optimizer(self.tm.optimizer)
         if common.get("distributed_optimizer", mine) != mine:
             raise ConfigError(f"{path} was saved with model.optim.use_distributed_optimizer="
@@ -538,7 +601,7 @@ class Trainer:
                              "weights only with model.restore_from_path and exp_manager.resume_if_exists=false")
         layout = {"world_size": self.info.world_size, "parallel": self.parallel.describe()}
         same_layout = common.get("layout") == layout
-        state = load_checkpoint(path, self.tm.chunks, self.tm.optimizer, per_rank=same_layout)
+        state = load_checkpoint(path, self.tm.chunks, self.tm.optimizer, per_rank=same_layout, checked=True)
         self.step = int(common["iteration"])
         configured = self.tm.scheduler.state_dict()
         self.tm.scheduler.load_state_dict(common["scheduler"])
@@ -570,3 +633,5 @@ class Trainer:
     def close(self) -> None:
         if getattr(self, "metrics_log", None) is not None:  # None when set-up stopped early
             self.metrics_log.close()
+        if self.checkpoints is not None:
+            self.checkpoints.close()

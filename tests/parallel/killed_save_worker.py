@@ -20,15 +20,15 @@ def main() -> None:
     parser.add_argument("--kill-during-save", action="store_true")
     args = parser.parse_args()
     os.chdir(REPO)
+    from psft_megatron.checkpointing import manager
     from psft_megatron.config import load_run_config
-    from psft_megatron.checkpointing import manager as checkpoints
     from psft_megatron.training.trainer import Trainer
 
     if args.kill_during_save:
-        def die(path):  # the temporary checkpoint is on disk; the rename never happens
+        def die(tmp, final, name):  # the temporary checkpoint is on disk; the rename never happens
             os.kill(os.getpid(), signal.SIGKILL)
 
-        checkpoints._fsync_tree = die
+        manager._publish = die
     cfg, raw = load_run_config("configs", "tiny_cpu", [
         f"trainer.max_steps={args.max_steps}", "trainer.val_check_interval=0", "trainer.devices=null",
         "trainer.progress_bar=false", "model.tensor_model_parallel_size=1", "model.sequence_parallel=false",
@@ -38,6 +38,7 @@ def main() -> None:
     trainer.setup()
     trainer.train()
     trainer.save()
+    trainer.close()  # waits for the rotation's deletions
     print(f"saved at step {trainer.step}", flush=True)
 
 

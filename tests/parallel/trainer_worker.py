@@ -24,7 +24,6 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 from psft_megatron.config import load_run_config  # noqa: E402
-from psft_megatron.checkpointing.manager import CheckpointManager  # noqa: E402
 from psft_megatron.training.trainer import Trainer  # noqa: E402
 from tests.parallel.launch import train_tiny  # noqa: E402
 
@@ -104,14 +103,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     os.chdir(REPO)
-    # one shared temp dir, named by rank 0
-    holder = [tempfile.mkdtemp(prefix="psft_trainer_") if os.environ.get("RANK", "0") == "0" else None]
-    init = Trainer(load_run_config(os.path.join(REPO, "configs"), "tiny_cpu", BASE + LAYOUTS["tp1"])[0])
+    # one shared temp dir, named by the launch (torchrun's port) before any collective exists
+    workdir = os.path.join(tempfile.gettempdir(), f"psft_trainer_{os.environ.get('MASTER_PORT', os.getpid())}")
+    init = Trainer(load_run_config(os.path.join(REPO, "configs"), "tiny_cpu", BASE + LAYOUTS["tp1"] + [
+        f"exp_manager.explicit_log_dir={os.path.join(workdir, 'init')}"])[0])  # not the config's runs/ dir
     init.setup()  # world-of-N TP=1 set-up only to write the initial weights
-    torch.distributed.broadcast_object_list(holder, src=0)
-    workdir = holder[0]
-    init.log_dir = os.path.join(workdir, "init")
-    init.checkpoints = CheckpointManager(os.path.join(init.log_dir, "checkpoints"))  # not the config's runs/ dir
     weights = init.save()
     init.close()
     restore = [f"model.restore_from_path={weights}"]

@@ -14,6 +14,11 @@ the checkpoints of earlier ones):
   sequences longer than the model's positions, a global batch the micro-batches do not divide;
   sequence parallelism at TP=1 (a warning, then training); a cosine schedule trained through its
   warm-up and decay to the end, with its checkpoint.
+- run directories: a new run into `train` (stops, nothing changed); a resume at/past
+  max_steps (nothing trained, nothing written); bytes overwritten in the latest checkpoint
+  with another run's checkpoint copied in as iter_0000100 (the fallback skips both); a log dir
+  that is a file, a checkpoints/ that is a file; a vocab-512 checkpoint without model.yaml
+  restored into the vocab-384 model; exp_manager.overwrite (the old run moved aside, intact).
 """
 
 from __future__ import annotations
@@ -63,6 +68,63 @@ def on_rank0(fn) -> None:
     if torch.distributed.get_rank() == 0:
         fn()
     torch.distributed.barrier()
+
+
+def snapshot(path: str) -> dict:
+    """{relative path: [size, mtime_ns]} of every file under ``path``."""
+    out = {}
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            full = os.path.join(root, name)
+            out[os.path.relpath(full, path)] = [os.path.getsize(full), os.stat(full).st_mtime_ns]
+    return out
+
+
+def overwrite_bytes(path: str, count: int = 256) -> None:
+    """``count`` bytes in the middle of ``path`` set to 0xff (the size stays)."""
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        f.write(b"\xff" * count)
+
+
+def run_directory_cases(work: str, results: dict) -> None:
+    """The run-directory and integrity cases (see the module docstring), in order."""
+    rank, train = torch.distributed.get_rank(), os.path.join(work, "train")
+    ckpts = os.path.join(train, "checkpoints")
+    on_rank0(lambda: open(os.path.join(ckpts, "latest"), "w").write("iter_0000004\n"))  # bad_latest broke it
+    before = snapshot(train) if rank == 0 else None
+    results["another_run"] = run_case(work, "train", ["trainer.max_steps=2", "exp_manager.resume_if_exists=false"])
+    results["done"] = run_case(work, "train", ["trainer.max_steps=3", "exp_manager.resume_if_exists=true"])
+    if rank == 0:
+        results["train_unchanged"] = snapshot(train) == before
+
+    def corrupt():
+        overwrite_bytes(largest_data_file(os.path.join(ckpts, "iter_0000004")))
+        with open(os.path.join(work, "restore", "checkpoints", "latest")) as f:  # another run's checkpoint
+            shutil.copytree(os.path.join(work, "restore", "checkpoints", f.read().strip()),
+                            os.path.join(ckpts, "iter_0000100"))
+        open(os.path.join(work, "a_file"), "w").close()
+        os.makedirs(os.path.join(work, "ckfile"))
+        open(os.path.join(work, "ckfile", "checkpoints"), "w").close()
+
+    on_rank0(corrupt)
+    results["corrupt_fallback"] = run_case(work, "train", [
+        "trainer.max_steps=5", "exp_manager.resume_if_exists=true",
+        "exp_manager.checkpoint_callback_params.save_top_k=3"])
+    if rank == 0:
+        results["after_fallback"] = sorted(n for n in os.listdir(ckpts) if n.startswith("iter_"))
+    results["log_dir_file"] = run_case(work, "a_file", ["trainer.max_steps=1"])
+    results["ckpt_dir_file"] = run_case(work, "ckfile", ["trainer.max_steps=1"])
+    results["vocab512"] = run_case(work, "v512", ["trainer.max_steps=1", "model.vocab_size=512"])
+    on_rank0(lambda: os.remove(os.path.join(work, "v512", "checkpoints", "iter_0000001", "model.yaml")))
+    results["vocab_mismatch"] = run_case(work, "v384", [
+        "trainer.max_steps=1", f"model.restore_from_path={os.path.join(work, 'v512', 'checkpoints', 'iter_0000001')}"])
+    before = snapshot(train) if rank == 0 else None
+    results["overwrite"] = run_case(work, "train", ["trainer.max_steps=1", "exp_manager.overwrite=true"])
+    if rank == 0:
+        moved = [n for n in os.listdir(work) if n.startswith("train.old-")]
+        results["moved"] = {"names": moved, "intact": len(moved) == 1 and snapshot(os.path.join(work, moved[0])) == before,
+                            "new": sorted(os.listdir(ckpts)), "records": len(open(os.path.join(train, "metrics.jsonl")).readlines())}
 
 
 def main() -> None:
@@ -146,6 +208,7 @@ def main() -> None:
     if rank == 0:
         with open(os.path.join(work, "cosine", "metrics.jsonl")) as f:
             results["cosine_lr"] = [json.loads(line)["lr"] for line in f if line.strip()]
+    run_directory_cases(work, results)
     results = {"rank": rank, "cases": results}
     gathered = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(gathered, results)
