@@ -15,6 +15,7 @@ reported as medians, for wall time and for CPU time summed over ranks.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -93,6 +94,7 @@ def main() -> None:
                         help="default: the machine's (te with CUDA + TE, local with CUDA, else cpu)")
     parser.add_argument("--fp8", default=None, choices=["e4m3", "hybrid"], help="FP8 format (needs TE and an FP8 GPU)")
     parser.add_argument("--fp8-recipe", default="delayed", choices=["delayed", "tensorwise", "blockwise", "mxfp8"])
+    parser.add_argument("--json", default=None, help="also write the per-round times (rank 0) to this file")
     args = parser.parse_args()
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // int(os.environ.get("WORLD_SIZE", "1"))))
     variants = {"sft": ["model.psft.loss=sft"],
@@ -123,8 +125,21 @@ def main() -> None:
             cpu_ratio = statistics.median(a[1] / b[1] for a, b in zip(times[name], times["sft"]))
             print(f"| {name} | {wall:.4f} | {wall_ratio:.3f} | {cpu:.4f} | {cpu_ratio:.3f} | "
                   f"{'<= %.3f' % target if k > 1 else '-'} |")
+        if args.json:
+            write_json(args.json, trainers, times)
     for trainer in trainers.values():
         trainer.close()
+
+
+def write_json(path: str, trainers: dict, times: dict) -> None:
+    """Per variant: optimizer steps trained, and (wall s/step, CPU s/step summed over ranks) per
+    round; the device, layer spec and FP8 setting the runs used."""
+    sft = trainers["sft"]
+    out = {"device": str(sft.info.device), "layer_spec": sft.tm.layer_spec, "fp8": sft.fp8.describe(),
+           "variants": {name: {"steps": trainer.step, "rounds": [list(t) for t in times[name]]}
+                        for name, trainer in trainers.items()}}
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -72,8 +72,8 @@ def test_cpu_layer_rewrites_cuda_requests():
 
 
 def test_cpu_layer_refuses_when_cuda_is_available(monkeypatch):
-    if cpu_compat.is_installed():
-        pytest.skip("already installed in this process")
+    # whether or not an earlier test installed the layer in this process: start uninstalled
+    monkeypatch.setattr(cpu_compat, "_installed_mode", None)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(RuntimeError, match="must not be installed when CUDA is available"):
         cpu_compat.install()

@@ -1,9 +1,11 @@
 """FP8 settings on CPU: both spellings validated and translated into megatron's
 TransformerConfig / DDP fields, clear errors before distributed start, GPU requirements."""
 
+import dataclasses
 import os
 
 import pytest
+import torch
 
 from psft_megatron.config import ConfigError, check_requirements, load_run_config
 from psft_megatron.config.loader import fp8_config
@@ -11,6 +13,8 @@ from psft_megatron.model.fp8 import FP8Config, fp8_hardware_problem
 from tests.parallel.launch import REPO, worker_env
 
 CONFIGS = os.path.join(REPO, "configs")
+#: the TransformerConfig fields an FP8 run sets; every other field stays the bf16 run's
+FP8_FIELDS = ("fp8", "fp8_recipe", "fp8_margin", "fp8_amax_history_len", "fp8_amax_compute_algo", "fp8_param")
 
 
 def _fp8(*overrides):
@@ -65,8 +69,17 @@ def test_fp8_keys_are_translated_into_the_transformer_config(overrides, expected
     for field, value in expected.items():
         assert getattr(config, field) == value, (field, getattr(config, field), value)
     assert fp8.ddp_config_fields() == {"fp8_param_gather": expected.get("fp8_param", False)}
-    # the FP8 region is megatron's: every other precision field is the bf16 run's
-    assert config.bf16 and config.params_dtype.is_floating_point
+    # the FP8 region is megatron's: every other field is the bf16 run's without FP8
+    got, bf16 = _fields_besides_fp8(config), _fields_besides_fp8(_transformer_config(FP8Config()))
+    assert got.keys() == bf16.keys() and not [k for k in got if got[k] != bf16[k]], \
+        {k: (got.get(k), bf16.get(k)) for k in got.keys() | bf16.keys() if got.get(k) != bf16.get(k)}
+    assert config.bf16 and config.params_dtype == torch.bfloat16
+
+
+def _fields_besides_fp8(config) -> dict:
+    """The config's fields other than those FP8 sets (init methods: fresh callables each time)."""
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+            if f.name not in FP8_FIELDS and not callable(getattr(config, f.name))}
 
 
 def test_fp8_param_gather_reaches_megatrons_ddp_config():

@@ -60,11 +60,46 @@ def test_fusion_switches_reach_the_transformer_config():
     assert not any(getattr(plain, name) for name in FUSION_FIELDS)
 
 
-def test_machine_detection_on_this_machine():
+KERNEL_MODULES = ("transformer_engine", "apex", "fused_layer_norm_cuda", "fused_weight_gradient_mlp_cuda")
+
+
+class _Machine:
+    """A meta-path finder that makes exactly ``installed`` of KERNEL_MODULES importable (empty
+    stand-ins under ``root``; ``broken``: one whose import raises) and the others absent."""
+
+    def __init__(self, root, installed, broken=()):
+        self.root = str(root)
+        for name in installed:
+            (root / f"{name}.py").write_text("raise ImportError('broken install')\n" if name in broken else "")
+        self.installed = set(installed)
+
+    def find_spec(self, name, path=None, target=None):
+        import importlib.machinery
+
+        if name not in KERNEL_MODULES:
+            return None
+        if name not in self.installed:
+            raise ModuleNotFoundError(f"No module named {name!r} (not on this simulated machine)", name=name)
+        return importlib.machinery.PathFinder.find_spec(name, [self.root])
+
+
+@pytest.mark.parametrize("cuda,installed,broken,expected", [
+    # no GPU: the CUDA-only kernels count for nothing, whatever is installed
+    (False, KERNEL_MODULES, (), Kernels(transformer_engine=True)),
+    (True, (), (), GPU),
+    (True, ("apex",), (), GPU),  # apex's Python package without its CUDA extensions
+    (True, ("apex", "fused_layer_norm_cuda"), (), Kernels(cuda=True, apex_norm=True)),
+    (True, ("fused_layer_norm_cuda", "fused_weight_gradient_mlp_cuda"), (), Kernels(cuda=True, apex_grad_accum=True)),
+    (True, KERNEL_MODULES, (), GPU_TE_APEX),
+    (True, ("transformer_engine",), ("transformer_engine",), GPU),  # a TE that fails to import
+])
+def test_machine_detection(monkeypatch, tmp_path, cuda, installed, broken, expected):
+    import sys
+
     import torch
 
-    kernels = Kernels.detect()
-    assert kernels.cuda == torch.cuda.is_available()
-    if not kernels.cuda:
-        assert not kernels.apex_norm and not kernels.apex_grad_accum
-        assert default_layer_spec(kernels) == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    for name in KERNEL_MODULES:
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setattr(sys, "meta_path", [_Machine(tmp_path, installed, broken)] + sys.meta_path)
+    assert Kernels.detect() == expected

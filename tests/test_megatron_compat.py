@@ -1,19 +1,38 @@
 """psft_megatron.compat.releases: version checks and the bridges between releases."""
 
 import inspect
+import os
+import re
 
 import pytest
 import torch
 
 from psft_megatron.compat import releases as megatron_compat
 from psft_megatron.compat.releases import version_in
+from tests.parallel.launch import REPO
 
 
-def test_version_is_the_importable_megatron_core():
-    from megatron.core import package_info
+def test_version_is_the_installed_megatron_cores():
+    """megatron_version() against the installed distribution's metadata (pip's record, not the
+    module megatron_version reads)."""
+    import importlib.metadata
 
-    assert str(megatron_compat.megatron_version()) == package_info.__version__
-    assert version_in(">=0.16.1,<0.20"), "outside the supported range (setup.py)"
+    import megatron.core
+    from packaging.version import Version
+
+    dist = importlib.metadata.distribution("megatron-core")
+    installed = os.path.realpath(dist.locate_file("megatron/core/__init__.py"))
+    if installed != os.path.realpath(megatron.core.__file__):
+        pytest.skip(f"megatron.core is imported from {megatron.core.__file__}, not from the installed "
+                    f"distribution ({installed}): nothing independent to compare with")
+    assert megatron_compat.megatron_version() == Version(dist.version)
+
+
+def test_version_is_in_the_range_setup_py_declares():
+    with open(os.path.join(REPO, "setup.py")) as f:
+        declared = re.findall(r'"megatron-core([<>=!~][^"]*)"', f.read())
+    assert len(declared) == 1, declared
+    assert version_in(declared[0]), f"megatron-core {megatron_compat.megatron_version()} outside {declared[0]}"
 
 
 @pytest.mark.parametrize("version,spec,expected", [

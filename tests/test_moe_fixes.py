@@ -54,15 +54,19 @@ def test_layer_specs_write_the_same_moe_keys():
 
 
 def test_trainer_logs_moe_metrics():
-    """configs/tiny_moe_cpu.yaml trained 3 steps at EP=2: aux loss and expert load each step,
-    every token of the step routed to top-2 of 8 experts in each of the 2 MoE layers."""
+    """configs/tiny_moe_cpu.yaml trained 3 steps at EP=2: the aux loss and the expert load of each
+    step equal what follows from the routers' own logits in the training forwards of all ranks
+    (tests/parallel/moe_worker.py: RouterRecorder), for every token routed to top-2 of 8 experts in
+    each of the 2 MoE layers."""
     result = launch_once()["trainer"]
-    assert len(result["history"]) == 3
-    for step in result["history"]:
-        assert 0.5 < step["moe_aux_loss"] < 8.0, step  # E * sum(f_i P_i): 1 when balanced, <= E
-        assert step["moe_load_max_mean"] >= 1.0
-        assert {"moe_load_max_mean/layer_0", "moe_load_max_mean/layer_1"} <= set(step)
-        assert abs(step["moe_tokens_per_expert"] - step["num_positions"] * 2 / 8) < 1e-6, step
+    assert len(result["history"]) == len(result["expected"]) == 3
+    for step, expected in zip(result["history"], result["expected"]):
+        for key, value in expected.items():
+            assert step[key] == pytest.approx(value, rel=1e-5), (key, step, expected)
+        assert step["moe_tokens_per_expert"] == pytest.approx(step["num_positions"] * 2 / 8, rel=1e-9), step
+    # the check can fail: the routing is not balanced, and the layers differ
+    loads = [step["moe_load_max_mean/layer_0"] for step in result["history"]]
+    assert all(load > 1.0 for load in loads) and loads != [s["moe_load_max_mean/layer_1"] for s in result["history"]]
     assert {"moe_aux_loss", "moe_load_max_mean", "moe_load_max_mean/layer_1"} <= set(result["jsonl_keys"])
 
 

@@ -23,10 +23,18 @@ def suite_result(suite: str) -> dict:
     return _cache[suite]
 
 
-LAYOUTS = [(suite, layout.name, layout.plant) for suite, layouts in SUITES.items() for layout in layouts]
+def _lane(suite: str):
+    """The 2-process suite is the fast lane's representative parity launch (every kind of
+    parallelism, the distributed optimizer, a checkpoint); the 4-process combinations run in
+    the current lane only (Makefile)."""
+    return [pytest.mark.current_lane_only] if suite == "four" else []
 
 
-@pytest.mark.parametrize("suite,name,plant", LAYOUTS, ids=[name for _, name, _ in LAYOUTS])
+LAYOUTS = [pytest.param(suite, layout.name, layout.plant, id=layout.name, marks=_lane(suite))
+           for suite, layouts in SUITES.items() for layout in layouts]
+
+
+@pytest.mark.parametrize("suite,name,plant", LAYOUTS)
 def test_layout_matches_single_process(suite, name, plant):
     entry = suite_result(suite)["layouts"][name]
     assert "error" not in entry, f"{name}: {entry.get('error')}\n{entry.get('traceback')}"
@@ -41,10 +49,11 @@ def test_layout_matches_single_process(suite, name, plant):
         check_planted(diff, plant, TOLERANCE)
 
 
-CKPTS = [(suite, scenario[0]) for suite, scenarios in CKPT_SUITES.items() for scenario in scenarios]
+CKPTS = [pytest.param(suite, scenario[0], id=scenario[0], marks=_lane(suite))
+         for suite, scenarios in CKPT_SUITES.items() for scenario in scenarios]
 
 
-@pytest.mark.parametrize("suite,name", CKPTS, ids=[name for _, name in CKPTS])
+@pytest.mark.parametrize("suite,name", CKPTS)
 def test_checkpoint_loads_at_another_layout(suite, name):
     entry = suite_result(suite)["checkpoints"][name]
     assert "error" not in entry, f"{name}: {entry.get('error')}\n{entry.get('traceback')}"

@@ -65,6 +65,23 @@ def test_old_logprobs_are_a_fresh_forward_of_the_window_start_weights(name):
     assert check["max_diff"] <= 1e-6, check
 
 
+def test_frozen_old_policy_stays_the_initial_model():
+    """model.psft.freeze_old_policy: the old log-probs of every batch, late windows included, are
+    the initial model's (an independent copy loaded from the initial checkpoint), not the
+    window-start weights' a dynamic pi_old uses."""
+    frozen, dynamic = history("frozen"), history("tp2_sp")
+    windows = results()["frozen"]["frozen_check"]
+    assert [w["step"] for w in windows] == [0, 4], windows  # windows start before steps 1 and 5
+    for window in windows:
+        assert window["micro_batches"] == 4 * 2, window  # K batches x 2 micro-batches on each DP rank
+        assert window["vs_initial"] <= 1e-6, window
+    assert windows[0]["vs_window_start"] <= 1e-6  # the first window starts from the initial model
+    assert windows[1]["vs_window_start"] > 1e-2, windows[1]  # 4 steps later the weights have moved
+    # the first batch of a later window: ratio 1 for a dynamic pi_old, not for the frozen one
+    assert dynamic[4]["ratio_mean"] == 1.0 and abs(frozen[4]["ratio_mean"] - 1.0) > 1e-3, frozen[4]
+    assert [h["loss"] for h in frozen[:4]] == pytest.approx([h["loss"] for h in dynamic[:4]], abs=TOLERANCE)
+
+
 def test_k1_trains_exactly_like_sft():
     assert series("k1", "loss") == [-1.0] * 8  # ratio 1 on every batch
     got, want = series("k1", "nll"), series("sft", "nll")

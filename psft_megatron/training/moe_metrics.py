@@ -48,6 +48,11 @@ class MoEMetrics:
         self.num_experts = config.num_moe_experts
         self.counts = torch.zeros(self.num_layers, self.num_experts, dtype=torch.float64, device=device())
         self._hooks = []
+        # megatron's tracker is process-wide: what earlier MoE forwards in this process recorded
+        # (another model, a probe) is not this run's first step
+        from psft_megatron.compat.releases import clear_moe_router_losses
+
+        clear_moe_router_losses()
         for chunk in chunks:
             for module in unwrap(chunk).modules():
                 if isinstance(module, TopKRouter):

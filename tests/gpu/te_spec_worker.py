@@ -38,6 +38,7 @@ def main(out: str) -> None:
         got = te_model(tokens, positions, None).float()
         again = back(tokens, positions, None).float()
     result["max_abs_logit_diff"] = (ref - got).abs().max().item()
+    result["relative_logit_error"] = ((ref - got).norm() / ref.norm()).item()
     result["round_trip_logit_diff"] = (ref - again).abs().max().item()
     with open(out, "w") as f:
         json.dump(result, f)

@@ -1,8 +1,10 @@
 """GPU: a bf16 training step on the local and TE specs against the CPU fp32 run from the same
 weights; FP8 (Transformer Engine) steps and the old-policy pass's FP8 side effects.
 
-Tolerances: bf16 keeps ~3 significant digits; over 6 Adam steps of the tiny model the per-step
-NLL (~6 nats) of a bf16 run stays within 0.05 of the fp32 run, FP8 within 0.15.
+Tolerances are relative to what the run learns: over its 6 Adam steps the CPU fp32 reference's
+NLL falls by ~0.43 nats (6.00 -> 5.57, measured), and a GPU run's per-step NLL must stay within
+an eighth of that fall (bf16) or a third (FP8) of the reference's. A run that did not train, or
+trained at half the rate, misses by several times that.
 """
 
 import tempfile
@@ -37,6 +39,13 @@ def _gpu_runs(workdir, runs):
     return result
 
 
+def _learned(reference) -> float:
+    """How far the reference's NLL falls over the run (nats); it must visibly train."""
+    fall = reference[0]["nll"] - min(h["nll"] for h in reference)
+    assert fall > 0.2, f"the reference hardly trains (NLL falls {fall:.3f}): the comparison would bind nothing"
+    return fall
+
+
 def _max_nll_diff(history, reference):
     assert len(history) == len(reference) == 6
     return max(abs(a["nll"] - b["nll"]) for a, b in zip(history, reference))
@@ -48,9 +57,9 @@ def test_bf16_step_on_local_and_te_specs_matches_cpu_fp32(workdir, cpu_reference
     assert result["local"]["layer_spec"] == "local"
     assert result["local"]["fusions"]["bias_activation_fusion"] and result["local"]["fusions"]["bias_dropout_fusion"]
     for name in runs:
-        diff = _max_nll_diff(result[name]["history"], cpu_reference)
-        print(f"{name}: max |NLL bf16 GPU - NLL fp32 CPU| over 6 steps = {diff:.4f}")
-        assert diff < 0.05, (name, diff)
+        diff, fall = _max_nll_diff(result[name]["history"], cpu_reference), _learned(cpu_reference)
+        print(f"{name}: max |NLL bf16 GPU - NLL fp32 CPU| over 6 steps = {diff:.4f} (the NLL falls {fall:.3f})")
+        assert diff < fall / 8, (name, diff, fall)
         assert result[name]["state_diffs"] == []
     if not is_available("transformer_engine"):
         pytest.skip("transformer-engine not installed: the te spec was not run (pip install -e '.[te]')")
@@ -75,9 +84,9 @@ def test_fp8_steps_and_the_old_policy_pass(workdir, cpu_reference):
     for name in runs:
         history = result[name]["history"]
         assert all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
-        diff = _max_nll_diff(history, cpu_reference)
-        print(f"{name}: max |NLL FP8 - NLL fp32 CPU| = {diff:.4f}")
-        assert diff < 0.15, (name, diff)
+        diff, fall = _max_nll_diff(history, cpu_reference), _learned(cpu_reference)
+        print(f"{name}: max |NLL FP8 - NLL fp32 CPU| = {diff:.4f} (the NLL falls {fall:.3f})")
+        assert diff < fall / 3, (name, diff, fall)
         # the old-policy pass: no training state changes; of TE's FP8 state only the forward
         # amax history may record the pass (delayed recipe; docs/fp8.md)
         assert result[name]["state_diffs"] == []

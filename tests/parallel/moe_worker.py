@@ -221,28 +221,6 @@ class _HostReads(torch.overrides.TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def _counting_trainer():
-    """A Trainer whose MoE metrics record their host reads per step (``host_reads``)."""
-    from psft_megatron.training.trainer import Trainer
-
-    class Counting(Trainer):
-        host_reads: list = []
-
-        def setup(self):
-            super().setup()
-            inner = self.moe_metrics.step_metrics
-
-            def step_metrics(num_microbatches):
-                with _HostReads() as reads:
-                    out = inner(num_microbatches)
-                self.host_reads.append(reads.count)
-                return out
-
-            self.moe_metrics.step_metrics = step_metrics
-
-    return Counting
-
-
 def _expert_parameters(trainer) -> dict:
     """The trainer's parameter counts, and the same from the config and this rank's model:
     SwiGLU experts of 3 h f parameters, E per MoE layer, EP=2 (each rank holds E/2)."""
@@ -256,13 +234,87 @@ def _expert_parameters(trainer) -> dict:
             - (c.num_experts - c.moe_router_topk) * moe_layers * per_expert}
 
 
+class RouterRecorder:
+    """What each router saw in the training forwards (train mode, autograd on), recorded from its
+    gating logits: per step, layer, micro-batch and rank the token count T, the summed softmax
+    probabilities P [E] and the tokens per expert f [E] of its own top-k. The expected step
+    metrics follow from these alone (:func:`expected_moe_metrics`), not from megatron's routing
+    map, its aux-loss tracker or psft_megatron's MoEMetrics."""
+
+    def __init__(self, chunks, topk: int):
+        from megatron.core.transformer.moe.router import TopKRouter
+
+        from psft_megatron.model.unwrap import unwrap
+
+        self.topk, self.current, self.steps = topk, [], []
+        for chunk in chunks:
+            for module in unwrap(chunk).modules():
+                if isinstance(module, TopKRouter):
+                    module.gating = self._wrap(module, module.gating)
+
+    def _wrap(self, router, gating):
+        def recorded(*args, **kwargs):
+            logits = gating(*args, **kwargs)
+            if router.training and torch.is_grad_enabled():
+                flat = logits.detach().double().reshape(-1, logits.shape[-1])
+                chosen = torch.topk(flat, self.topk, dim=-1).indices
+                counts = torch.zeros_like(flat).scatter_(1, chosen, 1.0).sum(0)
+                self.current.append({"layer": router.layer_number - 1, "tokens": flat.shape[0],
+                                     "probs": torch.softmax(flat, dim=-1).sum(0).tolist(), "counts": counts.tolist()})
+            return logits
+        return recorded
+
+    def end_step(self) -> None:
+        self.steps.append(self.current)
+        self.current = []
+
+
+def expected_moe_metrics(steps_per_rank: list, num_experts: int, topk: int) -> list:
+    """Per step: the aux loss before its coefficient, E / (k T^2) * sum_e P_e f_e (Switch
+    Transformer), averaged over layers, micro-batches and ranks; per layer the busiest expert's
+    tokens over the mean (all ranks and micro-batches); the mean tokens per expert and layer."""
+    out = []
+    for step in zip(*steps_per_rank):
+        records = [r for rank in step for r in rank]
+        aux = [num_experts / (topk * r["tokens"] ** 2) * sum(p * f for p, f in zip(r["probs"], r["counts"]))
+               for r in records]
+        metrics = {"moe_aux_loss": sum(aux) / len(aux)}
+        layers = sorted({r["layer"] for r in records})
+        per_layer = {i: [sum(c) for c in zip(*[r["counts"] for r in records if r["layer"] == i])] for i in layers}
+        for i, counts in per_layer.items():
+            metrics[f"moe_load_max_mean/layer_{i}"] = max(counts) / (sum(counts) / num_experts)
+        metrics["moe_load_max_mean"] = max(metrics[f"moe_load_max_mean/layer_{i}"] for i in layers)
+        metrics["moe_tokens_per_expert"] = sum(sum(c) for c in per_layer.values()) / (len(layers) * num_experts)
+        out.append(metrics)
+    return out
+
+
 def train_tiny_moe(workdir: str) -> dict:
     """configs/tiny_moe_cpu.yaml through the trainer for 3 steps on this world (EP=2, DP=4):
-    the MoE metrics of each step (history), what metrics.jsonl holds, the host reads of the
-    MoE metrics per step and the parameter counts (total, active) for MFU."""
+    the MoE metrics of each step (history), what metrics.jsonl holds, the metrics expected
+    from what the routers saw (RouterRecorder), the host reads of the MoE metrics per step and
+    the parameter counts (total, active) for MFU."""
     from psft_megatron.config import load_run_config
+    from psft_megatron.training.trainer import Trainer
 
     from tests.parallel.launch import REPO
+
+    class RecordingTrainer(Trainer):
+        host_reads: list = []
+
+        def setup(self):
+            super().setup()
+            self.recorder = RouterRecorder(self.tm.chunks, self.tm.config.moe_router_topk)
+            step_metrics = self.moe_metrics.step_metrics
+
+            def end_step(num_microbatches):
+                self.recorder.end_step()
+                with _HostReads() as reads:
+                    out = step_metrics(num_microbatches)
+                self.host_reads.append(reads.count)
+                return out
+
+            self.moe_metrics.step_metrics = end_step
 
     log_dir = os.path.join(workdir, "tiny_moe")
     cfg, resolved = load_run_config(os.path.join(REPO, "configs"), "tiny_moe_cpu", [
@@ -272,14 +324,18 @@ def train_tiny_moe(workdir: str) -> dict:
     cwd = os.getcwd()
     os.chdir(REPO)  # the config's data and tokenizer paths are relative to the repository
     try:
-        trainer = _counting_trainer()(cfg, resolved)
+        trainer = RecordingTrainer(cfg, resolved)
         trainer.setup()
         trainer.train()
         trainer.close()
     finally:
         os.chdir(cwd)
+    steps_per_rank = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(steps_per_rank, trainer.recorder.steps)
+    config = trainer.tm.config
     out = {"history": [{k: v for k, v in h.items() if k.startswith("moe_") or k in ("step", "num_positions")}
                        for h in trainer.history],
+           "expected": expected_moe_metrics(steps_per_rank, config.num_moe_experts, config.moe_router_topk),
            "host_reads": trainer.host_reads, "parameters": _expert_parameters(trainer)}
     if torch.distributed.get_rank() == 0:
         with open(os.path.join(log_dir, "metrics.jsonl")) as f:

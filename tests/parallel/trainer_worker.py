@@ -7,7 +7,8 @@ All runs start from the same initial weights (saved once, loaded through
 ``model.restore_from_path``) and read the same global batches; their per-step losses must
 agree within 1e-5 (fp32). Also: K = 1 equals SFT, the SFT warm-up switches at step W, and
 (at TP=2+PP=2 and CP=2) the old log-probs of batches 2..K of every window equal a fresh
-forward of the window-start weights through an independent copy of the model.
+forward of the window-start weights through an independent copy of the model; with
+``model.psft.freeze_old_policy`` (TP=2+SP) those of every batch equal the initial model's.
 """
 
 from __future__ import annotations
@@ -55,7 +56,32 @@ VARIANTS = {
     "k1": ["model.psft.old_policy_interval=1"],
     "sft": ["model.psft.loss=sft"],
     "warmup3": ["model.psft.warmup_sft_steps=3"],
+    "frozen": ["model.psft.freeze_old_policy=true"],  # pi_old = the initial model all run long
 }
+
+
+def old_logprob_diffs(chunks, micros, seq_length: int) -> list:
+    """Per micro-batch (last pipeline stage): max |micro["old_logprobs"] - log p| with log p a
+    forward of ``chunks`` (eval mode, no grad). The result is compared inside the loss closure
+    with the very micro-batch that was fed forward: independent of how the trainer matches
+    results to micro-batches."""
+    from psft_megatron.ops import vocab_parallel_logprobs
+    from psft_megatron.training.forward import forward_only, model_forward
+
+    diffs = []
+
+    def forward_step(data_iterator, model):
+        micro = next(data_iterator)
+
+        def compare(output):
+            logp = vocab_parallel_logprobs(output, micro["labels"])
+            diffs.append((micro["old_logprobs"] - logp).abs().max().item())
+            return torch.zeros(()), torch.zeros((), dtype=torch.int), {}
+
+        return model_forward(model, micro), compare
+
+    forward_only(chunks, micros, forward_step, seq_length=seq_length)
+    return diffs
 
 
 class CheckingTrainer(Trainer):
@@ -68,29 +94,55 @@ class CheckingTrainer(Trainer):
         self.old_logprob_batches_checked = 0
 
     def _attach_old_logprobs(self, window):
-        from psft_megatron.ops import vocab_parallel_logprobs
-        from psft_megatron.training.forward import forward_only, model_forward
-
         super()._attach_old_logprobs(window)
         fresh = self._build_frozen_copy()  # copies the current = window-start weights
-
-        def forward_step(data_iterator, model):
-            # The result is compared inside the loss closure with the very micro-batch that was
-            # fed forward: independent of how the trainer matches results to micro-batches.
-            micro = next(data_iterator)
-
-            def compare(output):
-                logp = vocab_parallel_logprobs(output, micro["labels"])
-                diff = (micro["old_logprobs"] - logp).abs().max().item()
-                self.old_logprob_max_diff = max(self.old_logprob_max_diff, diff)
-                self.old_logprob_batches_checked += 1
-                zero = torch.zeros(())
-                return zero, torch.zeros((), dtype=torch.int), {}
-
-            return model_forward(model, micro), compare
-
         for micros in window[1:]:
-            forward_only(fresh, micros, forward_step, seq_length=self._seq_length(micros))
+            diffs = old_logprob_diffs(fresh, micros, self._seq_length(micros))
+            self.old_logprob_max_diff = max([self.old_logprob_max_diff] + diffs)
+            self.old_logprob_batches_checked += len(diffs)
+
+    def check_result(self) -> dict:
+        stats = torch.tensor([self.old_logprob_max_diff, self.old_logprob_batches_checked])
+        torch.distributed.all_reduce(stats, op=torch.distributed.ReduceOp.MAX)
+        return {"old_logprob_check": {"max_diff": stats[0].item(), "batches": int(stats[1])}}
+
+
+class FrozenCheckingTrainer(Trainer):
+    """model.psft.freeze_old_policy: every window's old log-probs (all K batches) against the
+    initial model - a copy loaded from the run's initial checkpoint at set-up, not the trainer's
+    frozen copy - and against the window-start weights (what a dynamic pi_old would give)."""
+
+    def setup(self):
+        from psft_megatron.checkpointing.dist_checkpoint import load_checkpoint
+        from psft_megatron.model.builder import build_gpt_chunks
+
+        super().setup()
+        self.initial = build_gpt_chunks(self.model_cfg, self.tm.config, self.tm.layer_spec)
+        load_checkpoint(self.cfg.model.restore_from_path, self.initial)
+        self.windows = []
+
+    def _attach_old_logprobs(self, window):
+        super()._attach_old_logprobs(window)
+        window_start = self._build_frozen_copy()
+        vs_initial, vs_window_start = [], []
+        for micros in window:
+            vs_initial += old_logprob_diffs(self.initial, micros, self._seq_length(micros))
+            vs_window_start += old_logprob_diffs(window_start, micros, self._seq_length(micros))
+        self.windows.append({"step": self.step, "vs_initial": max(vs_initial, default=0.0),
+                             "vs_window_start": max(vs_window_start, default=0.0), "micro_batches": len(vs_initial)})
+
+    def check_result(self) -> dict:
+        out = []
+        for entry in self.windows:  # the last pipeline stage's numbers (TP ranks agree)
+            stats = torch.tensor([entry["vs_initial"], entry["vs_window_start"], entry["micro_batches"]])
+            torch.distributed.all_reduce(stats, op=torch.distributed.ReduceOp.MAX)
+            out.append(dict(step=entry["step"], vs_initial=stats[0].item(), vs_window_start=stats[1].item(),
+                            micro_batches=int(stats[2])))
+        return {"frozen_check": out}
+
+
+# runs whose trainer checks its old log-probs
+CHECKING = {"tp2_pp2": CheckingTrainer, "cp2": CheckingTrainer, "frozen": FrozenCheckingTrainer}
 
 
 def run(overrides, workdir, name, cls=Trainer):
@@ -100,6 +152,7 @@ def run(overrides, workdir, name, cls=Trainer):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
+    parser.add_argument("--only", help="comma-separated run names (default all; for debugging one)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     os.chdir(REPO)
@@ -117,15 +170,14 @@ def main() -> None:
     # small row chunks: several TP exchanges of statistics per micro-batch
     runs += [(n, o + ["model.psft.fused_output_layer=true", "model.psft.chunk_size=16"]) for n, o in FUSED.items()]
     runs += list(SFT_KL.items())
+    if args.only:
+        runs = [(name, overrides) for name, overrides in runs if name in args.only.split(",")]
     for name, overrides in runs:
         try:
-            checking = name in ("tp2_pp2", "cp2")
-            trainer = run(restore + overrides, workdir, name, CheckingTrainer if checking else Trainer)
+            trainer = run(restore + overrides, workdir, name, CHECKING.get(name, Trainer))
             results[name] = {"history": trainer.history}
-            if checking:
-                stats = torch.tensor([trainer.old_logprob_max_diff, trainer.old_logprob_batches_checked])
-                torch.distributed.all_reduce(stats, op=torch.distributed.ReduceOp.MAX)
-                results[name]["old_logprob_check"] = {"max_diff": stats[0].item(), "batches": int(stats[1])}
+            if name in CHECKING:
+                results[name].update(trainer.check_result())
         except Exception as exc:  # reported per run by the test
             import traceback
 
