@@ -36,7 +36,8 @@ from psft_megatron.checkpointing.restore import describe_restore, prepare_restor
 logger = logging.getLogger(__name__)
 
 #: metrics shared from the last pipeline stage to rank 0 each step (fixed order)
-STEP_KEYS = ("loss", "nll", "entropy", "clip_frac", "ratio_mean", "ratio_max", "approx_kl", "kl", "num_tokens")
+STEP_KEYS = ("loss", "nll", "entropy", "clip_frac", "ratio_mean", "ratio_max", "approx_kl", "kl", "eaft_weight",
+             "topk_entropy", "num_tokens")
 
 
 class NonFiniteTrainingError(RuntimeError):
@@ -178,6 +179,7 @@ class Trainer:
 
         from psft_megatron.data import SFTDataset, build_tokenizer
         from psft_megatron.losses import LossConfig, PSFTLoss
+        from psft_megatron.losses.objectives import OBJECTIVES
         from psft_megatron.distributed.runtime import ParallelConfig, initialize
         from psft_megatron.training.data_plan import load_data_settings
         from psft_megatron.training.metrics_log import MetricsLogger
@@ -257,15 +259,21 @@ class Trainer:
                       fused_output_layer=psft.fused_output_layer)
         self.loss = PSFTLoss(LossConfig(kind=psft.loss, clip_eps_low=psft.clip_eps_low,
                                         clip_eps_high=psft.clip_eps_high, kl_coef=psft.kl_coef,
-                                        kl_estimator=psft.kl_estimator, **common))
+                                        kl_estimator=psft.kl_estimator, asft_kl_coef=psft.asft_kl_coef,
+                                        eaft_topk=psft.eaft_topk, eaft_alpha=psft.eaft_alpha, **common))
         self.sft_loss = PSFTLoss(LossConfig(kind="sft", **common))
-        if psft.loss == "sft_kl" and psft.kl_estimator == "full":
+        required = OBJECTIVES[psft.loss].requires(self.loss.config)
+        if "logits" in required:
             raise ConfigError("model.psft.kl_estimator=full needs the reference logits in the training "
-                                      "step; the trainer supports k1 and k3 (use the plug-in directly for full)")
+                                      "step; the trainer supports k1 and k3 (use PSFTLoss directly for full)")
+        vocab = self.model_cfg.padded_vocab_size(self.parallel.tensor_model_parallel_size)
+        if "topk_entropy" in required and psft.eaft_topk > vocab:
+            raise ConfigError(f"model.psft.eaft_topk={psft.eaft_topk} exceeds the model's vocabulary ({vocab} entries)")
+        self.needs_ref = "ref" in required  # reference log-probs of the frozen initial model
         if psft.loss == "psft" and psft.old_policy_interval == 1 and not psft.freeze_old_policy and self.is_rank0:
             print("WARNING: model.psft.old_policy_interval=1: the ratio is always 1 and PSFT equals SFT", flush=True)
         # A frozen copy of the initial weights: the SFT-KL reference, or pi_old when frozen.
-        needs_frozen = psft.loss == "sft_kl" or (psft.loss == "psft" and psft.freeze_old_policy)
+        needs_frozen = self.needs_ref or (psft.loss == "psft" and psft.freeze_old_policy)
         self.frozen = self._build_frozen_copy() if needs_frozen else None
         self.dp_cp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
         self.moe_metrics = None  # aux loss and expert load per step (MoE models)
@@ -429,7 +437,7 @@ class Trainer:
                     self._start_window(batches)
                 micros, sampler_state = self.pending.pop(0)
                 forward_only_s = self.forward_only_s.pop(id(micros), 0.0)  # its old-policy pass
-                if psft.loss == "sft_kl":
+                if self.needs_ref:
                     start = time.time()
                     attach_logprobs(self.frozen, micros, self.loss, "ref_logprobs", seq_length=self._seq_length(micros))
                     forward_only_s = time.time() - start
