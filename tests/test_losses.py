@@ -492,7 +492,7 @@ def _cp_worker(rank: int, world: int, port: int, outdir: str) -> None:
                         mets.append(met)
                     total.backward()
                     red = reduce_loss_metrics(mets, group=group)
-                    results[(kind, extra.get("kl_estimator"), mode, packed)] = (
+                    results[(kind, tuple(sorted(extra.items())), mode, packed)] = (
                         float(total), norm, x.grad[:, cols].clone(), red
                     )
         # cp_group=None resolves to megatron's CP group once parallel_state is initialised
@@ -530,7 +530,7 @@ def test_context_parallel_shards_equal_single_batch():
     for kind, extra in KIND_CASES:
         for mode in MODES:
             for packed in (False, True):
-                key = (kind, extra.get("kl_estimator"), mode, packed)
+                key = (kind, tuple(sorted(extra.items())), mode, packed)
                 seq_ids = batch["seq_ids"] if packed else None
                 loss = PSFTLoss(LossConfig(kind=kind, agg_mode=mode, **extra))
                 x = batch["logits"].clone().requires_grad_(True)
