@@ -5,11 +5,11 @@ step calls ``model(tokens, position_ids, attention_mask, labels=labels)``, which
 per-token tensor ``[b, s]`` on the last pipeline stage, and returns it with
 ``partial(loss_func, loss_mask)``; the schedule calls ``loss_func(loss_mask, output_tensor)``
 and, with ``TransformerConfig.calculate_per_token_loss``, expects ``(loss_sum, num_tokens,
-{name: [sum, count]})``. This module fits PSFT / SFT / DFT / SFT-KL into that contract:
+{name: [sum, count]})``. This module fits every loss kind (PSFT, SFT, DFT, SFT-KL, ASFT, EAFT) into that contract:
 
 * :func:`enable_logprob_output` - a switch on the model: with ``labels=`` it returns fp32
-  log-probs of the labels ``[b, s]`` (``[b, s, 2]`` with the entropy) instead of the
-  cross-entropy, from the logits or with the output layer fused in (no logits tensor);
+  log-probs of the labels ``[b, s]`` (``[b, s, c]`` with the entropy and EAFT's top-k
+  entropy) instead of the cross-entropy, from the logits or with the output layer fused in (no logits tensor);
 * :class:`PluginLoss` - the ``loss_func`` (megatron's 3-tuple contract) on that output;
 * :func:`collect_old_logprobs` - the forward-only pass for a PSFT window's old policy (or an
   SFT-KL reference), through megatron's schedule: PP and VPP, eval mode;
@@ -31,7 +31,7 @@ import torch
 
 from psft_megatron.errors import ConfigError
 from psft_megatron.losses.config import LossConfig
-from psft_megatron.losses.fused_output import ENTROPY, LOGPROB, FusedLogprobProcessor, LogitsLogprobProcessor
+from psft_megatron.losses.fused_output import FusedLogprobProcessor, LogitsLogprobProcessor
 from psft_megatron.losses.megatron_loss import PSFTLoss, reduce_loss_metrics
 from psft_megatron.losses.objectives import OBJECTIVES
 from psft_megatron.model.unwrap import unwrap
@@ -41,6 +41,10 @@ __all__ = ["enable_logprob_output", "disable_logprob_output", "PluginLoss", "col
 
 #: the attribute that marks a model output as this module's log-probs (its channel names)
 _OUTPUT_TAG = "psft_logprob_channels"
+#: the attribute giving the k of an output's "topk_entropy" channel
+_TOPK_TAG = "psft_topk"
+#: the processors' channels, in their order (losses.fused_output: LOGPROB, ENTROPY, TOPK_ENTROPY)
+_ALL_CHANNELS = ("logprob", "entropy", "topk_entropy")
 
 
 # --------------------------------------------------------------------------------------------
@@ -77,10 +81,11 @@ class _Settings:
     fused: bool
     return_entropy: bool
     chunk_size: Optional[int]
+    topk: Optional[int] = None
 
     @property
     def channels(self) -> Tuple[str, ...]:
-        return ("logprob", "entropy") if self.return_entropy else ("logprob",)
+        return ("logprob",) + (("entropy",) if self.return_entropy else ()) + (("topk_entropy",) if self.topk else ())
 
 
 def _chunks_of(model) -> List:
@@ -88,7 +93,7 @@ def _chunks_of(model) -> List:
 
 
 def enable_logprob_output(model, *, fused: bool = False, return_entropy: bool = False,
-                          chunk_size: Optional[int] = None):
+                          chunk_size: Optional[int] = None, topk_entropy: Optional[int] = None):
     """Make ``model(tokens, position_ids, attention_mask, labels=labels)`` return log-probs.
 
     Args:
@@ -101,16 +106,18 @@ def enable_logprob_output(model, *, fused: bool = False, return_entropy: bool = 
             :func:`psft_megatron.ops.vocab_parallel_logprobs` reads them (no fp32 copy of them).
         return_entropy: also return the entropy of each token's distribution (a metric).
         chunk_size: rows per chunk of the op (None: its default).
+        topk_entropy: ``k``: also return the entropy of the renormalised top-k distribution
+            (what ``loss.kind='eaft'`` needs, with ``k = eaft_topk``).
 
     With ``labels=`` (int ``[b, s]``, global vocabulary ids) the last pipeline stage returns
-    fp32 ``[b, s]`` log p(label) - or ``[b, s, 2]`` (log-prob, entropy) with ``return_entropy``
-    - in place of megatron's cross-entropy; ``loss_mask=`` (``[b, s]``) is optional and only
+    fp32 ``[b, s]`` log p(label) - or ``[b, s, c]`` with the channels (log-prob, entropy,
+    top-k entropy) that are switched on - in place of megatron's cross-entropy; ``loss_mask=`` (``[b, s]``) is optional and only
     lets the fused path skip rows. Labels outside ``[0, V)`` give 0. Without ``labels`` (and on
     other stages) the model runs as before. Every forward with gradients enabled in training
     mode first runs :func:`check_normaliser` on the model's config (every stage: all ranks stop
     together). Not with multi-token prediction or muP logit scaling. Returns ``model``.
     """
-    settings = _Settings(bool(fused), bool(return_entropy), chunk_size)
+    settings = _Settings(bool(fused), bool(return_entropy), chunk_size, topk_entropy)
     for chunk in _chunks_of(model):
         gpt = unwrap(chunk)
         if getattr(gpt.config, "mtp_num_layers", None):
@@ -145,16 +152,18 @@ def _logprob_forward(gpt, input_ids, position_ids, attention_mask, *args, labels
         kwargs["decoder_input"] = args[0]
     if labels is None or not gpt.post_process:
         return forward(input_ids, position_ids, attention_mask, labels=labels, loss_mask=loss_mask, **kwargs)
+    common = dict(return_entropy=settings.return_entropy, chunk_size=settings.chunk_size, topk=settings.topk)
     if settings.fused:
-        processor = FusedLogprobProcessor(labels, loss_mask, return_entropy=settings.return_entropy,
-                                          chunk_size=settings.chunk_size)
+        processor = FusedLogprobProcessor(labels, loss_mask, **common)
     else:
-        processor = LogitsLogprobProcessor(labels, return_entropy=settings.return_entropy,
-                                           chunk_size=settings.chunk_size)
+        processor = LogitsLogprobProcessor(labels, **common)
     out = forward_with_output_processor(gpt, input_ids, position_ids, attention_mask, forward=forward,
                                         output_processor=processor, **kwargs)
-    out = out if settings.return_entropy else out[..., LOGPROB]
+    index = [_ALL_CHANNELS.index(name) for name in settings.channels]
+    if index != list(range(out.shape[-1])):
+        out = out[..., index[0]] if len(index) == 1 else out[..., index]
     setattr(out, _OUTPUT_TAG, settings.channels)
+    setattr(out, _TOPK_TAG, settings.topk)
     return out
 
 
@@ -176,7 +185,17 @@ def split_output(output_tensor: torch.Tensor, loss_mask: Optional[torch.Tensor] 
                          "model(tokens, position_ids, attention_mask, labels=labels) in the forward step")
     if len(channels) == 1:
         return output_tensor, None
-    return output_tensor[..., LOGPROB], output_tensor[..., ENTROPY]
+    return output_tensor[..., 0], (output_tensor[..., channels.index("entropy")] if "entropy" in channels else None)
+
+
+def _topk_channel(output_tensor: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``[b, s]`` top-``k`` entropy channel of an enabled model's output (ValueError naming
+    the switch when it is missing or was made for another ``k``)."""
+    channels = getattr(output_tensor, _OUTPUT_TAG, ())
+    if "topk_entropy" not in channels or getattr(output_tensor, _TOPK_TAG, None) != k:
+        raise ValueError(f"PluginLoss: loss.kind='eaft' needs the top-{k} entropy: "
+                         f"enable_logprob_output(model, topk_entropy={k})")
+    return output_tensor[..., channels.index("topk_entropy")]
 
 
 # --------------------------------------------------------------------------------------------
@@ -204,9 +223,10 @@ class PluginLoss:
 
     Call arguments:
         loss_mask: ``[b, s]`` (nonzero = trained token; any dtype).
-        output_tensor: the enabled model's output, fp32 ``[b, s]`` or ``[b, s, 2]``.
+        output_tensor: the enabled model's output, fp32 ``[b, s]`` or ``[b, s, c]`` (EAFT: with
+            the ``topk_entropy=eaft_topk`` channel).
         old_logprobs: fp32 ``[b, s]`` old-policy log-probs for PSFT (None: ratio exactly 1).
-        ref_logprobs: fp32 ``[b, s]`` reference log-probs for SFT-KL (k1, k3).
+        ref_logprobs: fp32 ``[b, s]`` reference log-probs for SFT-KL and ASFT (k1, k3).
         seq_ids: int ``[b, s]`` packed-sequence index within each row (-1 = padding).
         cp_group: context-parallel group (None: megatron's).
 
@@ -235,12 +255,14 @@ class PluginLoss:
                         ("seq_ids", seq_ids)):
             if t is not None and tuple(t.shape) != tuple(logp.shape):
                 raise ValueError(f"PluginLoss: {name} shape {tuple(t.shape)} must equal the output's {tuple(logp.shape)}")
-        if "entropy" in OBJECTIVES[self.config.kind].requires(self.config) and entropy is None:
+        required = OBJECTIVES[self.config.kind].requires(self.config)
+        if "entropy" in required and entropy is None:
             raise ValueError(f"PluginLoss: loss.kind={self.config.kind!r} needs the entropy: "
                              "enable_logprob_output(model, return_entropy=True)")
+        top = _topk_channel(output_tensor, self.config.eaft_topk) if "topk_entropy" in required else None
         loss_sum, num_tokens, metrics = self.loss.compute_from_logprobs(
             logp, entropy, loss_mask, old_logprobs=old_logprobs, ref=ref_logprobs, output=output_tensor,
-            seq_ids=seq_ids, cp_group=cp_group)
+            seq_ids=seq_ids, cp_group=cp_group, topk_entropy=top)
         if self.metrics == "mean":
             metrics = {k: v for k, v in metrics.items() if not (k.endswith("_max") or k.startswith("num_"))}
         return loss_sum, num_tokens, metrics

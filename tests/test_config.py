@@ -16,6 +16,9 @@ def test_tiny_config_loads_with_overrides():
     assert cfg.model.psft.clip_eps_high == 0.2 and cfg.trainer.progress_bar is False
     assert cfg.model.architecture["head_dim"] == 32  # NeMo alias
     assert cfg.model.tensor_model_parallel_size == 2 and raw["model"]["psft"]["loss"] == "psft"
+    # the ASFT / EAFT keys and their defaults (the papers')
+    psft = load_run_config(CONFIGS, "tiny_cpu", ["model.psft.loss=eaft", "model.psft.eaft_topk=8"])[0].model.psft
+    assert (psft.loss, psft.eaft_topk, psft.eaft_alpha, psft.asft_kl_coef) == ("eaft", 8, 1.0, 0.1)
 
 
 @pytest.mark.parametrize(
@@ -25,7 +28,11 @@ def test_tiny_config_loads_with_overrides():
         ("model.optim.lrr=1", "'model.optim.lrr'; did you mean 'lr'"),
         ("model.num_layer=2", "'model.num_layer'; did you mean 'num_layers'"),
         ("trainer.max_step=3", "'trainer.max_step'; did you mean 'max_steps'"),
-        ("model.psft.loss=ppo", "model.psft.loss='ppo' is not one of psft, sft, dft, sft_kl"),
+        ("model.psft.loss=ppo", "model.psft.loss='ppo' is not one of psft, sft, dft, sft_kl, asft, eaft"),
+        ("model.psft.asft_kl_coef=-0.1", "model.psft.asft_kl_coef=-0.1 must be >= 0"),
+        ("model.psft.eaft_topk=1", "model.psft.eaft_topk=1 must be >= 2"),
+        ("model.psft.eaft_topk=2.5", "model.psft.eaft_topk must be an integer"),
+        ("model.psft.eaft_alpha=-1", "model.psft.eaft_alpha=-1"),
         ("model.psft.old_policy_interval=0", "model.psft.old_policy_interval=0 must be >= 1"),
         ("trainer.max_steps=abc", "trainer.max_steps must be an integer"),
         ("trainer.precision=fp8", "trainer.precision='fp8' is not one of"),

@@ -125,7 +125,7 @@ PROBES = {
     "model.optim.sched.name": ([], lambda cfg: _preflight(cfg).schedule.lr_decay_style,
                                {"constant": "constant", "CosineAnnealing": "cosine", "cosine": "cosine",
                                 "linear": "linear", "WarmupAnnealing": "linear"}),
-    "model.psft.loss": ([], lambda cfg: _preflight(cfg).loss.kind, _same(["psft", "sft", "dft", "sft_kl"])),
+    "model.psft.loss": ([], lambda cfg: _preflight(cfg).loss.kind, _same(["psft", "sft", "dft", "sft_kl", "asft", "eaft"])),
     "model.psft.kl_estimator": (["model.psft.loss=sft_kl"], lambda cfg: _preflight(cfg).loss.kl_estimator,
                                 _same(["k1", "k3"])),
     "model.psft.agg_mode": ([], lambda cfg: (lambda p: (p.loss.agg_mode, p.sft_loss.agg_mode))(_preflight(cfg)),

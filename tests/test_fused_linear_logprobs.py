@@ -88,6 +88,41 @@ def test_values_and_grads_match_float64(dtype, masked, tiles):
         assert lp[off].abs().max() == 0 and ent[off].abs().max() == 0 and dh[off].abs().max() == 0
 
 
+def ref_topk_entropy(z: torch.Tensor, k: int) -> torch.Tensor:
+    """float64 entropy of the softmax over each row's k largest logits (a full sort)."""
+    top = torch.sort(z.double(), dim=-1, descending=True).values[..., :k]
+    lq = torch.log_softmax(top, -1)
+    return -(lq.exp() * lq).sum(-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k,tiles", [(20, (7, 13)), (20, (64, 4096)), (300, (5, 64))])
+def test_topk_entropy_over_tiles_matches_float64(dtype, k, tiles):
+    """The running top-k merged over vocabulary blocks (13 < k: each block has fewer than k
+    logits) equals the top-k of the whole row; masked rows give 0; logp, entropy and the
+    gradients are those of the call without it (the top-k entropy has no gradient)."""
+    n, hdim, v = 41, 24, 300
+    h, w, y, g_lp, g_ent = make(n, hdim, v, dtype, seed=5)
+    mask = (torch.rand(n, generator=torch.Generator().manual_seed(6)) > 0.4).float()
+    hx, wx = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    lp, ent, top = fused_linear_logprobs(hx, wx, y, mask=mask, return_entropy=True, topk_entropy=k,
+                                         chunk_size=tiles[0], vocab_block_size=tiles[1])
+    assert not top.requires_grad and top.dtype == torch.float32
+    ((lp * g_lp).sum() + (ent * g_ent).sum()).backward()
+    z = h.double() @ w.double().t()
+    if dtype != torch.float32:
+        z = z.to(dtype).double()  # the logits rounded as the output layer's
+    want = torch.where(mask != 0, ref_topk_entropy(z, k), torch.zeros((), dtype=torch.float64))
+    assert (top.double() - want).abs().max() <= FP32_TOL
+    r_lp, r_ent, r_dh, r_dw = reference(h, w, y, mask, g_lp, g_ent)
+    grad_tol = FP32_TOL if dtype == torch.float32 else 1e-2
+    assert (lp.double() - r_lp).abs().max() <= FP32_TOL and rel(hx.grad, r_dh) <= grad_tol and rel(wx.grad, r_dw) <= grad_tol
+    only = fused_linear_logprobs(h, w, y, mask=mask, topk_entropy=k, chunk_size=tiles[0], vocab_block_size=tiles[1])
+    assert len(only) == 2 and torch.equal(only[1], top)  # (logp, top-k entropy) without the entropy
+    with pytest.raises(ValueError, match="exceeds the vocabulary"):
+        fused_linear_logprobs(h, w, y, topk_entropy=v + 1)
+
+
 def test_equals_the_unfused_op_on_materialised_logits():
     h, w, y, g_lp, g_ent = make(50, 32, 210, torch.float32, seed=3, scale=2.0)
     hx, wx = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
@@ -215,6 +250,7 @@ def test_op_at_tp_and_sp_matches_float64(name):
     assert "error" not in entry, f"{name}: {entry.get('error')}\n{entry.get('traceback')}"
     assert entry["chunks"] >= 2, entry  # several TP exchanges of statistics per call
     assert entry["logp"] <= FP32_TOL and entry["entropy"] <= FP32_TOL, entry
+    assert entry["topk_entropy"] <= FP32_TOL, entry  # EAFT's gate: the global top-k over the TP ranks
     grad_tol = FP32_TOL if entry["dtype"] == "float32" else 1e-2
     assert entry["grad_hidden"] <= grad_tol and entry["grad_weight"] <= grad_tol, entry
 

@@ -1,13 +1,15 @@
-"""Tests of psft_megatron.ops: vocab-parallel log-probs, entropy and full-vocabulary KL.
+"""Tests of psft_megatron.ops: vocab-parallel log-probs, entropy, full-vocabulary KL (both
+directions) and the entropy of the top-k distribution (EAFT's gate).
 
 Every value and gradient is compared with a float64 full-vocabulary reference
-(log_softmax + gather; entropy and KL from the softmax). Tensor parallelism runs in ONE
+(log_softmax + gather; entropy and KL from the softmax; top-k from a full sort). Tensor parallelism runs in ONE
 gloo spawn per world size (2 and 4) that checks all TP cases and reports back.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import tempfile
@@ -16,7 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from psft_megatron.ops import default_chunk_size, vocab_parallel_kl, vocab_parallel_logprobs
+from psft_megatron.ops import default_chunk_size, vocab_parallel_kl, vocab_parallel_logprobs, vocab_parallel_topk_entropy
 from tests.parallel.launch import cpu_spawn
 
 
@@ -39,6 +41,20 @@ def ref_kl(logits: torch.Tensor, ref_logits: torch.Tensor):
     lp = torch.log_softmax(logits.double(), dim=-1)
     lq = torch.log_softmax(ref_logits.double(), dim=-1)
     return (lp.exp() * (lp - lq)).sum(-1)
+
+
+def ref_reverse_kl(logits: torch.Tensor, ref_logits: torch.Tensor):
+    """float64 KL(q || p) = sum_j q_j (log q_j - log p_j), p = softmax(logits), q = softmax(ref)."""
+    lp = torch.log_softmax(logits.double(), dim=-1)
+    lq = torch.log_softmax(ref_logits.double(), dim=-1)
+    return (lq.exp() * (lq - lp)).sum(-1)
+
+
+def ref_topk_entropy(logits: torch.Tensor, k: int):
+    """float64 entropy of the softmax over each row's k largest logits (a full descending sort)."""
+    top = torch.sort(logits.double(), dim=-1, descending=True).values[..., :k]
+    lq = torch.log_softmax(top, dim=-1)
+    return -(lq.exp() * lq).sum(-1)
 
 
 def ref_grads(logits, labels, g_lp, g_ent):
@@ -238,6 +254,45 @@ def test_full_kl_single_rank(dtype):
     assert kl0.abs().max().item() < 1e-5 and y.grad.abs().max().item() < 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reverse_kl_single_rank(dtype):
+    """reverse=True: KL(q || p) (ASFT's direction), gradient p - q w.r.t. the policy logits."""
+    logits, _, g, _ = make_case((4, 7), 90, dtype, seed=19)
+    ref, _, _, _ = make_case((4, 7), 90, dtype, seed=20, scale=2.0)
+    x = logits.clone().requires_grad_(True)
+    kl = vocab_parallel_kl(x, ref, chunk_size=5, reverse=True)
+    (kl * g).sum().backward()
+    z = logits.double().requires_grad_(True)
+    r = ref_reverse_kl(z, ref)
+    (r * g.double()).sum().backward()
+    assert_rel(kl, r.detach(), 1e-5, "reverse kl")
+    assert (r.detach() - ref_kl(logits, ref)).abs().max() > 0.1  # the two directions differ here
+    assert_grad_close(x.grad, z.grad, 1e-5 if dtype == torch.float32 else BF16_GRAD_RTOL, "reverse kl grad")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k,chunk_size", [(2, None), (20, 7), (300, 4)])
+def test_topk_entropy_matches_float64_reference(dtype, k, chunk_size):
+    logits, _, _, _ = make_case((3, 10), 300, dtype, seed=21, scale=3.0)
+    logits[0, 0, 5:9] = logits[0, 0, 4]  # ties at the top
+    x = logits.clone().requires_grad_(True)
+    h = vocab_parallel_topk_entropy(x, k, chunk_size=chunk_size)
+    assert h.dtype == torch.float32 and h.shape == (3, 10) and not h.requires_grad  # EAFT's gate: a constant
+    # the values are read from the input dtype: fp32 accuracy for bf16 logits too
+    assert_rel(h, ref_topk_entropy(logits, k), FP32_RTOL, f"top-{k} entropy")
+    assert (h >= 0).all() and (h <= math.log(k) + 1e-6).all()
+    if k == 300:  # k = V: the entropy of the whole distribution
+        assert_rel(h, ref_logprobs(logits, torch.zeros(3, 10, dtype=torch.long))[1], FP32_RTOL, "k = V")
+    assert torch.equal(x.detach(), logits)
+
+
+def test_topk_entropy_refuses_k_outside_2_to_v():
+    logits = torch.randn(2, 5, 30)
+    for k, what in ((31, "exceeds the vocabulary"), (1, "must be an int >= 2"), (2.0, "must be an int")):
+        with pytest.raises(ValueError, match=what):
+            vocab_parallel_topk_entropy(logits, k)
+
+
 # --------------------------------------------------------------------------------------------
 # tensor parallelism: ONE spawn per world size, all cases inside
 # --------------------------------------------------------------------------------------------
@@ -297,19 +352,30 @@ def _tp_worker(rank: int, world: int, port: int, outdir: str) -> None:
             )
             results[name] = "ok"
 
-        # full-vocabulary KL under TP
+        # full-vocabulary KL under TP, both directions: KL(p || q) and KL(q || p)
         logits, _, g, _ = make_case((3, 5), 32 * world, torch.float32, seed=7, scale=3.0)
         ref, _, _, _ = make_case((3, 5), 32 * world, torch.float32, seed=8, scale=2.0)
         vt = 32
-        shard = logits[..., rank * vt : (rank + 1) * vt].clone().requires_grad_(True)
-        kl = vocab_parallel_kl(shard, ref[..., rank * vt : (rank + 1) * vt], tp_group=group, chunk_size=4)
-        (kl * g).sum().backward()
-        z = logits.double().requires_grad_(True)
-        r = ref_kl(z, ref)
-        (r * g.double()).sum().backward()
-        assert_rel(kl, r.detach(), 1e-5, f"kl rank {rank}")
-        assert_grad_close(shard.grad, z.grad[..., rank * vt : (rank + 1) * vt], 1e-5, f"kl grad rank {rank}")
-        results["full_kl"] = "ok"
+        for reverse, reference, name in ((False, ref_kl, "full_kl"), (True, ref_reverse_kl, "reverse_kl")):
+            shard = logits[..., rank * vt : (rank + 1) * vt].clone().requires_grad_(True)
+            kl = vocab_parallel_kl(shard, ref[..., rank * vt : (rank + 1) * vt], tp_group=group, chunk_size=4,
+                                   reverse=reverse)
+            (kl * g).sum().backward()
+            z = logits.double().requires_grad_(True)
+            r = reference(z, ref)
+            (r * g.double()).sum().backward()
+            assert_rel(kl, r.detach(), 1e-5, f"{name} rank {rank}")
+            assert_grad_close(shard.grad, z.grad[..., rank * vt : (rank + 1) * vt], 1e-5, f"{name} grad rank {rank}")
+            results[name] = "ok"
+
+        # top-k entropy: the global top-k from every rank's local top-k; k > V/tp too (each rank
+        # then has fewer than k candidates), and ties across ranks
+        for k, vt, dtype in ((20, 32, torch.float32), (20, 16, torch.bfloat16), (16 * world, 16, torch.float32)):
+            logits, _, _, _ = make_case((3, 5), vt * world, dtype, seed=30 + k, scale=3.0)
+            logits[0, 0, :] = logits[0, 0, 0]  # a row of ties over every rank's shard
+            h = vocab_parallel_topk_entropy(logits[..., rank * vt : (rank + 1) * vt], k, tp_group=group, chunk_size=4)
+            assert_rel(h, ref_topk_entropy(logits, k), FP32_RTOL, f"top-{k} entropy, V/tp={vt}, rank {rank}")
+        results["topk_entropy"] = "ok"
 
         if world == 2:
             # tp_group=None resolves to megatron's TP group once parallel_state is initialised
@@ -347,4 +413,5 @@ def test_tensor_parallel_matches_full_vocab(world):
             with open(os.path.join(outdir, f"rank{rank}.json")) as f:
                 res = json.load(f)
             assert "error" not in res, f"world {world}: {res['error']}"
-            assert res.get("full_kl") == "ok" and len(res) == (6 if world == 2 else 5), res
+            assert res.get("full_kl") == "ok" and len(res) == (8 if world == 2 else 7), res
+            assert res.get("reverse_kl") == "ok" and res.get("topk_entropy") == "ok", res

@@ -16,7 +16,10 @@ from psft_megatron.losses import (
     K3_CLAMP,
     LossConfig,
     PSFTLoss,
+    asft_objective,
     dft_objective,
+    eaft_objective,
+    eaft_weight,
     importance_ratio,
     kl_k1,
     kl_k3,
@@ -95,6 +98,29 @@ def test_k3_clamp_value_and_zero_gradient():
     assert logp.grad[1].item() == pytest.approx(1.0 - math.exp(-0.5), rel=1e-6)
 
 
+def test_asft_and_eaft_match_hand_formulas_and_gradients():
+    logp = torch.tensor([-0.1, -1.0, -2.5, -7.0], requires_grad=True)
+    kl = torch.tensor([0.3, 0.0, 1.2, 4.0], requires_grad=True)
+    # ASFT: DFT's loss plus coef * KL; d/dlogp = -p, d/dKL = coef
+    asft_objective(logp, kl, kl_coef=0.1).sum().backward()
+    p = torch.exp(logp.detach())
+    torch.testing.assert_close(asft_objective(logp, kl, kl_coef=0.1).detach(), -p * logp.detach() + 0.1 * kl.detach())
+    torch.testing.assert_close(logp.grad, -p, rtol=1e-7, atol=0)
+    torch.testing.assert_close(kl.grad, torch.full((4,), 0.1), rtol=1e-7, atol=0)
+    # EAFT: -w logp with w = (H_k / log k) ** alpha, a constant of the backward
+    lp = torch.tensor([-0.1, -1.0, -2.5, -7.0], requires_grad=True)
+    h = torch.tensor([0.0, 0.5, math.log(20.0), 2.0], requires_grad=True)  # differentiable on purpose
+    for alpha in (1.0, 0.5, 0.0):
+        w = [(hv / math.log(20.0)) ** alpha for hv in h.detach().tolist()]
+        assert eaft_weight(h, 20, alpha).tolist() == pytest.approx(w, rel=1e-6)
+        assert eaft_objective(lp, h, k=20, alpha=alpha).tolist() == pytest.approx(
+            [-wi * li for wi, li in zip(w, lp.detach().tolist())], rel=1e-6)
+    eaft_objective(lp, h, k=20, alpha=1.0).sum().backward()
+    assert lp.grad.tolist() == pytest.approx([-hv / math.log(20.0) for hv in h.detach().tolist()], rel=1e-6)
+    assert h.grad is None  # the gate is detached: no gradient reaches the entropy
+    assert eaft_weight(torch.tensor([3.1]), 20).item() == 1.0  # H_k > log k by rounding: clamped
+
+
 # --------------------------------------------------------------------------------------------
 # LossConfig
 # --------------------------------------------------------------------------------------------
@@ -111,6 +137,11 @@ def test_k3_clamp_value_and_zero_gradient():
         ("log_ratio_clamp", 0.0),
         ("kl_coef", -1.0),
         ("kl_coef", "0.5"),
+        ("asft_kl_coef", -0.1),
+        ("eaft_topk", 1),
+        ("eaft_topk", 2.5),
+        ("eaft_topk", True),
+        ("eaft_alpha", -1.0),
         ("chunk_size", 0),
         ("chunk_size", 1.5),
         ("compute_entropy", "yes"),
@@ -122,7 +153,7 @@ def test_loss_config_validation_names_the_key(key, value):
 
 
 def test_loss_config_messages_and_from_dict():
-    with pytest.raises(ValueError, match="loss.kind='foo' is not one of sft, psft, dft, sft_kl"):
+    with pytest.raises(ValueError, match="loss.kind='foo' is not one of sft, psft, dft, sft_kl, asft, eaft"):
         LossConfig(kind="foo")
     with pytest.raises(ValueError, match="token-mean, seq-mean-token-mean, seq-mean-token-sum"):
         LossConfig(agg_mode="x")
@@ -133,6 +164,8 @@ def test_loss_config_messages_and_from_dict():
     assert (defaults.kind, defaults.clip_eps_low, defaults.clip_eps_high, defaults.kl_estimator) == (
         "psft", 0.2, 0.28, "k3"
     )
+    # the papers' defaults: ASFT's KL coefficient 0.1, EAFT's k = 20 and exponent 1
+    assert (defaults.asft_kl_coef, defaults.eaft_topk, defaults.eaft_alpha) == (0.1, 20, 1.0)
     with pytest.raises(ValueError, match=r"loss\.clip_eps_hgh.*loss\.typo"):
         LossConfig.from_dict({"typo": 1, "clip_eps_hgh": 0.3})
     assert PSFTLoss({"kind": "sft"}).config.kind == "sft"
@@ -192,6 +225,10 @@ KIND_CASES = [
     ("sft_kl", {"kl_estimator": "k1"}),
     ("sft_kl", {"kl_estimator": "k3"}),
     ("sft_kl", {"kl_estimator": "full"}),
+    ("asft", {"kl_estimator": "k3"}),
+    ("asft", {"kl_estimator": "full", "asft_kl_coef": 0.3}),
+    ("eaft", {}),
+    ("eaft", {"eaft_topk": 5, "eaft_alpha": 0.5}),
 ]
 MODES = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
 
@@ -200,7 +237,7 @@ def loss_args(batch, kind, extra, rows=slice(None), cols=None):
     """Arguments of loss_func for a sub-batch (rows = micro-batch / DP split, cols = CP shard)."""
     idx = (rows, slice(None)) if cols is None else (rows, cols)
     ref = None
-    if kind == "sft_kl":
+    if kind in ("sft_kl", "asft"):
         ref = batch["ref_logits"][idx] if extra.get("kl_estimator") == "full" else batch["ref_lp"][idx]
     return dict(
         labels=batch["labels"][idx],
@@ -222,15 +259,25 @@ def per_token_reference(batch, kind, extra, logits=None):
     if kind == "psft":
         r = torch.exp(lp - batch["old"].double())
         return -torch.minimum(r, r.clamp(0.8, 1.28))
+    if kind == "eaft":  # the gate from a full sort of the logits, detached
+        k, alpha = extra.get("eaft_topk", 20), extra.get("eaft_alpha", 1.0)
+        top = torch.log_softmax(torch.sort(z.detach(), -1, descending=True).values[..., :k], -1)
+        gate = (-(top.exp() * top).sum(-1) / math.log(k)) ** alpha
+        return -gate * lp
     est = extra["kl_estimator"]
     if est == "k1":
         kl = lp - batch["ref_lp"].double()
     elif est == "k3":
         d = batch["ref_lp"].double() - lp
         kl = (d.exp() - d - 1).clamp(-10, 10)
+    elif kind == "asft":  # the ASFT authors' KL(pi_ref || pi) over the vocabulary
+        lq = torch.log_softmax(batch["ref_logits"].double(), -1)
+        kl = (lq.exp() * (lq - logsm)).sum(-1)
     else:
         lq = torch.log_softmax(batch["ref_logits"].double(), -1)
         kl = (logsm.exp() * (logsm - lq)).sum(-1)
+    if kind == "asft":
+        return -lp.detach().exp() * lp + extra.get("asft_kl_coef", 0.1) * kl
     return -lp + 0.5 * kl
 
 
@@ -367,6 +414,24 @@ def test_metrics_reduce_to_exact_means_over_micro_batches():
     assert reduce_loss_metrics([]) == {}
 
 
+def test_asft_and_eaft_metrics_are_their_token_means():
+    batch = make_batch(6)
+    m = batch["mask"].bool()
+    logsm = torch.log_softmax(batch["logits"].double(), -1)
+    top = torch.log_softmax(torch.sort(batch["logits"].double(), -1, descending=True).values[..., :20], -1)
+    h_top = -(top.exp() * top).sum(-1)
+    red = reduce_loss_metrics([PSFTLoss(LossConfig(kind="eaft")).loss_func(**loss_args(batch, "eaft", {}))(
+        batch["logits"])[2]])
+    assert red["topk_entropy"] == pytest.approx(float(h_top[m].mean()), rel=1e-5)
+    assert red["eaft_weight"] == pytest.approx(float((h_top / math.log(20))[m].mean()), rel=1e-5)
+    extra = {"kl_estimator": "full"}
+    red = reduce_loss_metrics([PSFTLoss(LossConfig(kind="asft", **extra)).loss_func(
+        **loss_args(batch, "asft", extra))(batch["logits"])[2]])
+    lq = torch.log_softmax(batch["ref_logits"].double(), -1)
+    assert red["kl"] == pytest.approx(float((lq.exp() * (lq - logsm)).sum(-1)[m].mean()), rel=1e-5)
+    assert "eaft_weight" not in red and red["clip_frac"] == 0.0
+
+
 def test_logprob_func_collects_detached_logprobs():
     batch = make_batch(4)
     x = batch["logits"].clone().requires_grad_(True)
@@ -426,7 +491,7 @@ def _cp_worker(rank: int, world: int, port: int, outdir: str) -> None:
                         mets.append(met)
                     total.backward()
                     red = reduce_loss_metrics(mets, group=group)
-                    results[(kind, extra.get("kl_estimator"), mode, packed)] = (
+                    results[(kind, tuple(sorted(extra.items())), mode, packed)] = (
                         float(total), norm, x.grad[:, cols].clone(), red
                     )
         # cp_group=None resolves to megatron's CP group once parallel_state is initialised
@@ -463,7 +528,7 @@ def test_context_parallel_shards_equal_single_batch():
     for kind, extra in KIND_CASES:
         for mode in MODES:
             for packed in (False, True):
-                key = (kind, extra.get("kl_estimator"), mode, packed)
+                key = (kind, tuple(sorted(extra.items())), mode, packed)
                 seq_ids = batch["seq_ids"] if packed else None
                 loss = PSFTLoss(LossConfig(kind=kind, agg_mode=mode, **extra))
                 x = batch["logits"].clone().requires_grad_(True)

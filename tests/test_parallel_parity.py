@@ -1,7 +1,10 @@
 """Parallel parity: every megatron layout equals the single-process fp32 run within 1e-5.
 
 Compared per optimizer step: the loss (megatron's CE, or our PSFT objective with token-mean
-or seq-mean-token-mean aggregation) and, for PSFT, the entropy and the clip fraction.
+or seq-mean-token-mean aggregation) and, for PSFT, the entropy and the clip fraction; for ASFT
+(k3 at PP=2, the exact KL(pi_ref || pi) at TP=2) and EAFT (fused at TP=2+SP, another k and
+exponent at PP=2) the loss, the entropy and their own metric (the KL, the gate) against a
+float64 reference written in the worker.
 
 One torchrun launch per world size runs all its layouts (tests/parallel/parity_worker.py);
 each layout is reported as its own test. A planted bug (SP norm params left unmarked) must

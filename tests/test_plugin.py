@@ -3,7 +3,7 @@ written elsewhere, each with a test, and the examples at TP=2 and PP=2.
 
 Single process: the normaliser check, the fused op's row order, the output a loss is handed,
 metrics under Megatron-LM's train_step reduction, the objective table, the out_dtype fallback,
-clip_eps_low, the documented CPU-loop lines. One 2-process launch
+clip_eps_low, the documented CPU-loop lines, EAFT's top-k channel and ASFT's reference. One 2-process launch
 (tests/parallel/plugin_worker.py): both examples at TP=2 and PP=2, parity with the trainer
 (calculate_per_token_loss on and off), collect_old_logprobs at PP=2 / PP=2+VPP=2 with dropout,
 the ratio at a window start, the refusal on every rank.
@@ -205,6 +205,77 @@ def test_a_new_loss_kind_is_one_registry_entry():
         LossConfig(kind="half_sft")
     with pytest.raises(ValueError, match="needs the logits"):
         plugin.PluginLoss(LossConfig(kind="sft_kl", kl_estimator="full"))
+
+
+class _TinyHead(torch.nn.Module):
+    """megatron's output layer in miniature: ``(h @ W^T, None)``, no bias, no TP."""
+
+    def __init__(self, v, h, gen):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(v, h, generator=gen))
+        self.bias = None
+
+    def forward(self, hidden, weight=None):
+        return hidden @ (self.weight if weight is None else weight).t(), None
+
+
+class _TinyGPT(torch.nn.Module):
+    """GPTModel's contract on one process: embedding -> [s, b, h] hidden states -> output layer."""
+
+    def __init__(self, v=40, h=8, seed=3):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.embedding = torch.nn.Parameter(torch.randn(v, h, generator=gen))
+        self.output_layer = _TinyHead(v, h, gen)
+        self.post_process, self.share_embeddings_and_output_weights = True, False
+        self.config = SimpleNamespace(mtp_num_layers=None)
+
+    def compute_language_model_loss(self, labels, logits):  # pragma: no cover - never with the switch
+        raise AssertionError("the cross-entropy ran")
+
+    def forward(self, input_ids, position_ids, attention_mask, labels=None, loss_mask=None, packed_seq_params=None):
+        hidden = self.embedding[input_ids].transpose(0, 1)  # [s, b, h]
+        return self.output_layer(hidden)[0] if self.post_process else hidden
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("entropy", [False, True])
+def test_eaft_and_asft_through_the_plugin_equal_psftloss_on_the_logits(fused, entropy):
+    """enable_logprob_output(topk_entropy=k) adds the top-k entropy channel (from the logits, or
+    merged over the fused op's tiles); PluginLoss(eaft) / PluginLoss(asft, k3) then give the
+    value and the gradients PSFTLoss gives on the logits; a missing or other-k channel is refused."""
+    g = torch.Generator().manual_seed(4)
+    b, s, v = 3, 7, 40
+    tokens = torch.randint(0, v, (b, s), generator=g)
+    labels = torch.randint(0, v, (b, s), generator=g)
+    mask = (torch.rand(b, s, generator=g) > 0.3).float()
+    ref = -3.0 * torch.rand(b, s, generator=g)
+    cases = [(LossConfig(kind="eaft", eaft_topk=5, eaft_alpha=0.5), {}),
+             (LossConfig(kind="asft", asft_kl_coef=0.3), {"ref_logprobs": ref})]
+    for cfg, extra in cases:
+        model = _TinyGPT()
+        plugin.enable_logprob_output(model, fused=fused, return_entropy=entropy, topk_entropy=5)
+        out = model(tokens, None, None, labels=labels, loss_mask=mask)
+        assert out.shape == (b, s, 3 if entropy else 2)
+        loss_sum, n, metrics = plugin.PluginLoss(cfg)(mask, out, **extra)
+        loss_sum.backward()
+        want_model = _TinyGPT()
+        logits = want_model.embedding[tokens] @ want_model.output_layer.weight.t()  # [b, s, V]
+        want, n_want, want_metrics = PSFTLoss(cfg).loss_func(labels, mask, ref=extra.get("ref_logprobs"))(logits)
+        want.backward()
+        assert loss_sum.item() == pytest.approx(want.item(), rel=1e-5) and int(n) == int(n_want)
+        for key in ("eaft_weight", "topk_entropy", "kl"):
+            if key in want_metrics:
+                assert (metrics[key] - want_metrics[key]).abs().max() <= TOL, key
+        for got_p, want_p in ((model.embedding, want_model.embedding),
+                              (model.output_layer.weight, want_model.output_layer.weight)):
+            assert (got_p.grad - want_p.grad).abs().max() <= TOL * want_p.grad.abs().max()
+    model = plugin.enable_logprob_output(_TinyGPT(), fused=fused, topk_entropy=4)
+    out = model(tokens, None, None, labels=labels, loss_mask=mask)
+    with pytest.raises(ValueError, match="topk_entropy=5"):  # made for k = 4
+        plugin.PluginLoss(LossConfig(kind="eaft", eaft_topk=5))(mask, out)
+    with pytest.raises(ValueError, match="topk_entropy=20"):  # no top-k channel at all
+        plugin.PluginLoss(LossConfig(kind="eaft"))(mask, tagged(labels.float()))
 
 
 def test_clip_eps_low_changes_nothing_with_advantage_one():

@@ -2,7 +2,8 @@
 the same tiny PSFT run (K = 4) at TP=1, TP=2, TP=2+SP, PP=2, TP=2+PP=2 and CP=2 gives the
 same per-step metrics within 1e-5 (fp32), also with the fused output layer (TP=2+SP, TP=2+PP=2,
 CP=2); K = 1 trains exactly like SFT; the SFT warm-up
-switches to PSFT at step W."""
+switches to PSFT at step W; ASFT (reference through the pipeline) and EAFT (fused) train like
+at TP=1 and log their metrics."""
 
 import pytest
 
@@ -105,3 +106,20 @@ def test_sft_kl_with_pipeline_parallelism_matches_tp1(name):
         diff = max(abs(a - b) for a, b in zip(got, want))
         assert diff <= TOLERANCE, f"{name} {key}: {got} vs TP=1 {want} (diff {diff:.3g})"
     assert max(series("sft_kl_tp1", "kl")) > 0.0  # the reference term is live
+
+
+@pytest.mark.parametrize("name,want", [("asft_tp2_pp2", "asft_tp1"), ("eaft_fused_tp2_sp", "eaft_tp1")])
+def test_asft_and_eaft_train_like_tp1_and_log_their_metrics(name, want):
+    """model.psft.loss=asft: the frozen initial model's log-probs reach the last stage (the
+    trainer's reference pass, run for every kind that requires "ref"); loss=eaft: the gate from
+    the fused op's top-k at TP=2+SP. Both curves equal the TP=1 unfused run's."""
+    own = "kl" if name.startswith("asft") else "eaft_weight"
+    for key in ("loss", "nll", own):
+        got, ref = series(name, key), series(want, key)
+        assert len(got) == len(ref) == 4
+        diff = max(abs(a - b) for a, b in zip(got, ref))
+        assert diff <= TOLERANCE, f"{name} {key}: {got} vs {want} {ref} (diff {diff:.3g})"
+    if own == "kl":  # step 1: the policy is the reference (KL 0); then it moves away
+        assert series(name, "kl")[0] == pytest.approx(0.0, abs=1e-7) and min(series(name, "kl")[1:]) > 0.0
+    else:
+        assert all(0.0 < w < 1.0 for w in series(name, own)) and "topk_entropy" in history(name)[0]

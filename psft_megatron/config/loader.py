@@ -153,6 +153,9 @@ def _check_values(cfg: RunConfig) -> None:
          "must be >= 0 (0: never)"),
         ("trainer.log_every_n_steps", cfg.trainer.log_every_n_steps, cfg.trainer.log_every_n_steps >= 1, "must be >= 1"),
         ("model.psft.kl_coef", psft.kl_coef, psft.kl_coef >= 0, "must be >= 0"),
+        ("model.psft.asft_kl_coef", psft.asft_kl_coef, psft.asft_kl_coef >= 0, "must be >= 0"),
+        ("model.psft.eaft_topk", psft.eaft_topk, psft.eaft_topk >= 2, "must be >= 2"),
+        ("model.psft.eaft_alpha", psft.eaft_alpha, psft.eaft_alpha >= 0, "must be >= 0"),
         ("model.global_batch_size", cfg.model.global_batch_size, cfg.model.global_batch_size >= 1, "must be >= 1"),
     )
     for key, value, ok, rule in ranges:

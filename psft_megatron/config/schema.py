@@ -20,7 +20,7 @@ MODEL_KEY_ALIASES = {
     "share_embeddings_and_output_weights": "tie_word_embeddings",
 }
 
-LOSS_KINDS = ("psft", "sft", "dft", "sft_kl")
+LOSS_KINDS = ("psft", "sft", "dft", "sft_kl", "asft", "eaft")
 PRECISIONS = {"32": "float32", "32-true": "float32", "bf16": "bfloat16", "bf16-mixed": "bfloat16",
               "16": "float16", "16-mixed": "float16"}
 SCHEDULES = {"constant": "constant", "CosineAnnealing": "cosine", "cosine": "cosine", "linear": "linear",
@@ -96,11 +96,14 @@ class OptimSection:
 class PSFTSection:
     """``model.psft``: the objective and the old policy (see docs/logprobs.md)."""
 
-    loss: str = "psft"  # psft | sft | dft | sft_kl
+    loss: str = "psft"  # psft | sft | dft | sft_kl | asft | eaft
     clip_eps_low: float = 0.2
     clip_eps_high: float = 0.28
-    kl_coef: float = 0.5
-    kl_estimator: str = "k3"  # k1 | k3 | full
+    kl_coef: float = 0.5  # SFT-KL's KL coefficient
+    kl_estimator: str = "k3"  # k1 | k3 | full (the KL term of sft_kl and asft)
+    asft_kl_coef: float = 0.1  # ASFT's KL coefficient (the ASFT authors' default)
+    eaft_topk: int = 20  # k of EAFT's top-k entropy (the EAFT authors')
+    eaft_alpha: float = 1.0  # exponent of EAFT's gate (H_k / log k) ** alpha
     agg_mode: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum
     old_policy_interval: int = 8  # K: re-sync pi_old every K optimizer steps
     freeze_old_policy: bool = False  # pi_old = the initial model for the whole run

@@ -1,4 +1,4 @@
-"""SFT / PSFT / DFT / SFT-KL objectives and their megatron-core loss functions.
+"""SFT / PSFT / DFT / SFT-KL / ASFT / EAFT objectives and their megatron-core loss functions.
 
 See ``docs/logprobs.md`` for the formulas, gradients and aggregation modes.
 """
@@ -7,7 +7,10 @@ from psft_megatron.losses.config import AGG_MODES, KL_ESTIMATORS, LOSS_KINDS, Lo
 from psft_megatron.losses.megatron_loss import PSFTLoss, aggregate_loss, reduce_loss_metrics
 from psft_megatron.losses.objectives import (
     K3_CLAMP,
+    asft_objective,
     dft_objective,
+    eaft_objective,
+    eaft_weight,
     importance_ratio,
     kl_k1,
     kl_k3,
@@ -34,4 +37,7 @@ __all__ = [
     "kl_k3",
     "kl_term",
     "sft_kl_objective",
+    "asft_objective",
+    "eaft_weight",
+    "eaft_objective",
 ]

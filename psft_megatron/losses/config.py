@@ -17,7 +17,7 @@ __all__ = ["LossConfig", "LOSS_KINDS", "KL_ESTIMATORS", "AGG_MODES"]
 
 #: supported objectives: the kinds registered in psft_megatron.losses.objectives.OBJECTIVES
 LOSS_KINDS = tuple(OBJECTIVES)
-#: per-token KL estimators for ``kind='sft_kl'``
+#: per-token KL estimators for ``kind='sft_kl'`` and ``kind='asft'``
 KL_ESTIMATORS = ("k1", "k3", "full")
 #: aggregation of per-token losses into the optimised scalar
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
@@ -34,7 +34,9 @@ class LossConfig:
     Attributes:
         kind: ``'sft'`` (cross-entropy), ``'psft'`` (clipped-ratio surrogate against an old
             policy), ``'dft'`` (probability-weighted cross-entropy), ``'sft_kl'``
-            (cross-entropy plus ``kl_coef`` times a KL penalty to a reference policy).
+            (cross-entropy plus ``kl_coef`` times a KL penalty to a reference policy),
+            ``'asft'`` (DFT plus ``asft_kl_coef`` times a KL to a reference policy), ``'eaft'``
+            (cross-entropy gated by the top-``eaft_topk`` entropy).
         clip_eps_low: PPO's lower clip ``1 - eps_low`` of the ratio. PSFT's advantage is 1 on
             every token, where ``min(r, clip(r, lo, hi)) = min(r, hi)``: this value changes NO
             loss value, gradient or metric (docs/logprobs.md, "Objectives"). It is accepted, in
@@ -43,9 +45,15 @@ class LossConfig:
             zero gradient. ``>= 0``.
         log_ratio_clamp: ``logp - old_logp`` is clamped to ``[-c, c]`` before ``exp`` (> 0).
         kl_coef: weight of the KL term for ``'sft_kl'`` (``>= 0``).
-        kl_estimator: ``'k1'`` (``logp - ref_logp``), ``'k3'`` (low-variance
-            ``exp(ref - logp) - (ref - logp) - 1`` clamped to ``[-10, 10]``) or ``'full'``
-            (exact full-vocabulary ``KL(pi || pi_ref)`` from reference logits).
+        kl_estimator: the KL term of ``'sft_kl'`` and ``'asft'``: ``'k1'`` (``logp - ref_logp``),
+            ``'k3'`` (low-variance ``exp(ref - logp) - (ref - logp) - 1`` clamped to
+            ``[-10, 10]``) or ``'full'`` (exact full-vocabulary KL from reference logits:
+            ``KL(pi || pi_ref)`` for ``'sft_kl'``, ``KL(pi_ref || pi)`` for ``'asft'``, as the
+            ASFT authors compute it).
+        asft_kl_coef: weight of the KL term for ``'asft'`` (``>= 0``; 0.1, the ASFT authors'
+            code default).
+        eaft_topk: ``k`` of EAFT's top-k entropy (an int ``>= 2``; 20, the EAFT authors').
+        eaft_alpha: exponent of EAFT's gate ``(H_k / log k) ** alpha`` (``>= 0``; 1.0).
         agg_mode: ``'token-mean'`` (global mean over all loss tokens of the optimizer step),
             ``'seq-mean-token-mean'`` (mean over sequences of each sequence's token mean) or
             ``'seq-mean-token-sum'`` (mean over sequences of each sequence's token sum).
@@ -67,6 +75,9 @@ class LossConfig:
     log_ratio_clamp: float = 20.0
     kl_coef: float = 0.5
     kl_estimator: str = "k3"
+    asft_kl_coef: float = 0.1
+    eaft_topk: int = 20
+    eaft_alpha: float = 1.0
     agg_mode: str = "token-mean"
     chunk_size: Optional[int] = None
     compute_entropy: bool = True
@@ -99,6 +110,11 @@ class LossConfig:
         real("clip_eps_high", 0.0, math.inf)
         real("log_ratio_clamp", 0.0, math.inf, lo_open=True)
         real("kl_coef", 0.0, math.inf)
+        real("asft_kl_coef", 0.0, math.inf)
+        real("eaft_alpha", 0.0, math.inf)
+        k = self.eaft_topk
+        if isinstance(k, bool) or not isinstance(k, int) or k < 2:
+            raise ValueError(f"loss.eaft_topk={k!r} must be an int >= 2")
 
         cs = self.chunk_size
         if cs is not None and (isinstance(cs, bool) or not isinstance(cs, int) or cs <= 0):

@@ -7,8 +7,10 @@ returns the per-token log-probs of the labels and the entropies, computed by
 :func:`psft_megatron.ops.fused_linear_logprobs` without any logits tensor.
 
 Output: fp32 ``[b, s, 2]`` - ``[..., 0]`` log p(label), ``[..., 1]`` entropy (0 when not
-computed) - for the micro-batch's ``labels [b, s]`` (this CP rank's share). Rows whose mask
-is 0 (prompt, padding) are never projected: both values are 0 there.
+computed) - for the micro-batch's ``labels [b, s]`` (this CP rank's share); ``[b, s, 3]`` with
+``topk=k``: ``[..., 2]`` the entropy of the renormalised top-k distribution (EAFT's gate,
+:mod:`psft_megatron.ops.topk_entropy`). Rows whose mask is 0 (prompt, padding) are never
+projected: every value is 0 there.
 """
 
 from __future__ import annotations
@@ -18,12 +20,19 @@ from typing import Optional
 import torch
 
 from psft_megatron.ops.fused_linear_logprobs import RowSelection, fused_linear_logprobs
+from psft_megatron.ops.topk_entropy import vocab_parallel_topk_entropy
 from psft_megatron.ops.vocab_parallel_logprobs import vocab_parallel_logprobs
 
-__all__ = ["FusedLogprobProcessor", "LogitsLogprobProcessor", "LOGPROB", "ENTROPY"]
+__all__ = ["FusedLogprobProcessor", "LogitsLogprobProcessor", "LOGPROB", "ENTROPY", "TOPK_ENTROPY"]
 
 #: positions in the last dimension of the processor's output
-LOGPROB, ENTROPY = 0, 1
+LOGPROB, ENTROPY, TOPK_ENTROPY = 0, 1, 2
+
+
+def _channels(logp: torch.Tensor, ent: Optional[torch.Tensor], top: Optional[torch.Tensor]) -> torch.Tensor:
+    """``[..., 2]`` (log-prob, entropy or 0) or ``[..., 3]`` with the top-k entropy."""
+    cols = [logp, torch.zeros_like(logp) if ent is None else ent] + ([] if top is None else [top])
+    return torch.stack(cols, dim=-1)
 
 
 class FusedLogprobProcessor:
@@ -38,10 +47,11 @@ class FusedLogprobProcessor:
         return_entropy: compute the entropy (else channel 1 is 0).
         chunk_size: rows per chunk of the op (``None``: its default).
         tp_group: the TP group (``None``: the output layer's).
+        topk: ``k``: a third channel, the top-k entropy (``None``: two channels).
     """
 
     def __init__(self, labels: torch.Tensor, mask: Optional[torch.Tensor] = None, *, return_entropy: bool = True,
-                 chunk_size: Optional[int] = None, tp_group=None):
+                 chunk_size: Optional[int] = None, tp_group=None, topk: Optional[int] = None):
         if mask is not None and tuple(mask.shape) != tuple(labels.shape):
             raise ValueError(f"mask shape {tuple(mask.shape)} must equal labels shape {tuple(labels.shape)}")
         self.labels = labels
@@ -49,6 +59,7 @@ class FusedLogprobProcessor:
         self.return_entropy = bool(return_entropy)
         self.chunk_size = chunk_size
         self.tp_group = tp_group
+        self.topk = topk
 
     def __call__(self, *, hidden_states: torch.Tensor, output_layer, output_weight=None, config=None,
                  **unused) -> torch.Tensor:
@@ -64,23 +75,29 @@ class FusedLogprobProcessor:
         if hidden_states.dtype != weight.dtype:  # e.g. fp32 hidden states from Float16Module(fp32_output)
             hidden_states = hidden_states.to(weight.dtype)
         out = fused_linear_logprobs(hidden_states, weight, self.labels, tp_group=group, sequence_parallel=sequence_parallel,
-                                    mask=self.rows, return_entropy=self.return_entropy, chunk_size=self.chunk_size)
-        logp, ent = out if self.return_entropy else (out, torch.zeros_like(out))
-        return torch.stack([logp, ent], dim=-1)
+                                    mask=self.rows, return_entropy=self.return_entropy, chunk_size=self.chunk_size,
+                                    topk_entropy=self.topk)
+        out = list(out) if isinstance(out, tuple) else [out]
+        logp = out.pop(0)
+        ent = out.pop(0) if self.return_entropy else None
+        return _channels(logp, ent, out.pop(0) if self.topk else None)
 
 
 class LogitsLogprobProcessor:
     """Output processor: hidden states ``[s, b, h]`` -> the output layer's logits ``[s, b, V/tp]``
     -> fp32 ``[b, s, 2]`` (log p of ``labels [b, s]``, entropy or 0), the same values as
     :class:`FusedLogprobProcessor` with the logits materialised (megatron's output layer runs as
-    it would; :func:`psft_megatron.ops.vocab_parallel_logprobs` never copies them whole)."""
+    it would; :func:`psft_megatron.ops.vocab_parallel_logprobs` never copies them whole); with
+    ``topk=k`` a third channel, the top-k entropy
+    (:func:`psft_megatron.ops.vocab_parallel_topk_entropy`)."""
 
     def __init__(self, labels: torch.Tensor, *, return_entropy: bool = True, chunk_size: Optional[int] = None,
-                 tp_group=None):
+                 tp_group=None, topk: Optional[int] = None):
         self.labels = labels
         self.return_entropy = bool(return_entropy)
         self.chunk_size = chunk_size
         self.tp_group = tp_group
+        self.topk = topk
 
     def __call__(self, *, hidden_states: torch.Tensor, output_layer, output_weight=None, config=None,
                  **unused) -> torch.Tensor:
@@ -92,5 +109,8 @@ class LogitsLogprobProcessor:
         group = self.tp_group if self.tp_group is not None else getattr(output_layer, "tp_group", None)
         out = vocab_parallel_logprobs(logits, self.labels.t(), tp_group=group,
                                       return_entropy=self.return_entropy, chunk_size=self.chunk_size)
-        logp, ent = out if self.return_entropy else (out, torch.zeros_like(out))
-        return torch.stack([logp, ent], dim=-1).transpose(0, 1).contiguous()
+        logp, ent = out if self.return_entropy else (out, None)
+        top = None
+        if self.topk:
+            top = vocab_parallel_topk_entropy(logits, self.topk, tp_group=group, chunk_size=self.chunk_size)
+        return _channels(logp, ent, top).transpose(0, 1).contiguous()

@@ -1,9 +1,9 @@
-"""``PSFTLoss``: the SFT / PSFT / DFT / SFT-KL objectives as megatron-core loss functions.
+"""``PSFTLoss``: the objectives of ``losses.objectives.OBJECTIVES`` as megatron-core loss functions.
 
 Contract (megatron-core 0.16, ``TransformerConfig.calculate_per_token_loss=True``): the loss
 function returned by :meth:`PSFTLoss.loss_func` maps the last pipeline stage's output (the
 vocab-parallel logits; with ``fused_output_layer`` the ``[b, s, 2]`` log-probs and entropies of
-:meth:`PSFTLoss.model_forward`) to ``(loss_sum, normaliser, metrics)``:
+:meth:`PSFTLoss.model_forward`, ``[b, s, 3]`` with EAFT's top-k entropy) to ``(loss_sum, normaliser, metrics)``:
 
 * ``loss_sum``: fp32 scalar, the SUM of the micro-batch's contributions. The schedule
   backpropagates it as is (times the loss scale); nothing is divided here.
@@ -27,9 +27,9 @@ import torch
 import torch.distributed as dist
 
 from psft_megatron.losses.config import LossConfig
-from psft_megatron.losses.fused_output import ENTROPY, LOGPROB, FusedLogprobProcessor
+from psft_megatron.losses.fused_output import ENTROPY, LOGPROB, TOPK_ENTROPY, FusedLogprobProcessor
 from psft_megatron.losses.objectives import OBJECTIVES, TokenInputs
-from psft_megatron.ops import vocab_parallel_logprobs
+from psft_megatron.ops import vocab_parallel_logprobs, vocab_parallel_topk_entropy
 from psft_megatron.distributed.groups import resolve_group
 
 __all__ = ["PSFTLoss", "reduce_loss_metrics", "aggregate_loss"]
@@ -185,7 +185,9 @@ class PSFTLoss:
         into :func:`psft_megatron.ops.fused_linear_logprobs` (megatron's output-processor hook,
         ``psft_megatron.compat.releases``): the last stage returns fp32 ``[b, s, 2]`` - log p of
         ``labels`` and the entropy (0 unless ``return_entropy``, default ``compute_entropy``) -
-        and rows with ``loss_mask == 0`` (or ``seq_ids < 0``) are never projected (0 there).
+        or ``[b, s, 3]`` when the loss kind requires "topk_entropy" (EAFT: the entropy of the
+        top-``eaft_topk`` distribution last), and rows with ``loss_mask == 0`` (or
+        ``seq_ids < 0``) are never projected (0 there).
         Other stages return their hidden states either way. ``model_kwargs`` go to the model
         call (e.g. ``fp32_output`` of Float16Module).
         """
@@ -202,21 +204,35 @@ class PSFTLoss:
                 mask = mask & (seq_ids >= 0)
         want_h = self.config.compute_entropy if return_entropy is None else bool(return_entropy)
         processor = FusedLogprobProcessor(labels, mask, return_entropy=want_h, chunk_size=self.config.chunk_size,
-                                          tp_group=tp_group)
+                                          tp_group=tp_group, topk=self._topk())
         return forward_with_output_processor(model, tokens, position_ids, attention_mask,
                                              output_processor=processor, **model_kwargs)
 
-    def _logprobs_of(self, output: torch.Tensor, labels: torch.Tensor, *, tp_group, want_h: bool):
-        """``(logp, entropy or None)`` of ``labels`` from the model output: vocab-parallel logits,
-        or the ``[b, s, 2]`` of :meth:`model_forward` with ``fused_output_layer``."""
+    def _topk(self) -> Optional[int]:
+        """``eaft_topk`` when the loss kind requires the top-k entropy, else None."""
+        cfg = self.config
+        return cfg.eaft_topk if "topk_entropy" in OBJECTIVES[cfg.kind].requires(cfg) else None
+
+    def _logprobs_of(self, output: torch.Tensor, labels: torch.Tensor, *, tp_group, want_h: bool,
+                     want_top: bool = False):
+        """``(logp, entropy or None, top-k entropy or None)`` of ``labels`` from the model output:
+        vocab-parallel logits, or the ``[b, s, 2|3]`` of :meth:`model_forward` with
+        ``fused_output_layer``."""
         if self.config.fused_output_layer:
-            if tuple(output.shape) != tuple(labels.shape) + (2,):
-                raise ValueError(f"fused_output_layer: expected the [b, s, 2] output of PSFTLoss.model_forward "
-                                 f"for labels {tuple(labels.shape)}, got {tuple(output.shape)}")
-            return output[..., LOGPROB], (output[..., ENTROPY] if want_h else None)
+            channels = 2 if self._topk() is None else 3  # what model_forward returns for this config
+            if tuple(output.shape) != tuple(labels.shape) + (channels,):
+                raise ValueError(f"fused_output_layer: expected the [b, s, {channels}] output of "
+                                 f"PSFTLoss.model_forward for labels {tuple(labels.shape)}, got {tuple(output.shape)}")
+            return (output[..., LOGPROB], output[..., ENTROPY] if want_h else None,
+                    output[..., TOPK_ENTROPY] if want_top else None)
         out = vocab_parallel_logprobs(output, labels, tp_group=tp_group, return_entropy=want_h,
                                       chunk_size=self.config.chunk_size)
-        return out if want_h else (out, None)
+        logp, ent = out if want_h else (out, None)
+        top = None
+        if want_top:
+            top = vocab_parallel_topk_entropy(output, self.config.eaft_topk, tp_group=tp_group,
+                                              chunk_size=self.config.chunk_size)
+        return logp, ent, top
 
     # ----------------------------------------------------------------------------------------
     def loss_func(
@@ -237,8 +253,8 @@ class PSFTLoss:
             loss_mask: ``[b, s]`` 0/1 (any dtype; nonzero = trained token).
             old_logprobs: fp32 ``[b, s]`` log-probs of the labels under the old policy (psft).
                 ``None``: old = current (ratio 1, SFT gradient).
-            ref: for ``kind='sft_kl'``: fp32 ``[b, s]`` reference log-probs (k1, k3) or the
-                reference model's vocab-parallel logits ``[b, s, V/tp]`` ('full').
+            ref: for ``kind='sft_kl'`` and ``'asft'``: fp32 ``[b, s]`` reference log-probs (k1,
+                k3) or the reference model's vocab-parallel logits ``[b, s, V/tp]`` ('full').
             seq_ids: optional int ``[b, s]`` packed-sequence index within each row (-1 = pad),
                 see :func:`aggregate_loss`.
             cp_group, tp_group: process groups; ``None`` = megatron's (if initialised).
@@ -248,7 +264,8 @@ class PSFTLoss:
             raise ValueError(
                 f"loss_mask shape {tuple(loss_mask.shape)} must equal labels shape {tuple(labels.shape)}"
             )
-        ref_lp = ref if cfg.kind == "sft_kl" and cfg.kl_estimator != "full" else None
+        required = OBJECTIVES[cfg.kind].requires(cfg)
+        ref_lp = ref if "ref" in required and "logits" not in required else None
         for name, t in (("old_logprobs", old_logprobs), ("ref", ref_lp)):
             if t is not None and tuple(t.shape) != tuple(labels.shape):
                 raise ValueError(f"{name} shape {tuple(t.shape)} must equal labels shape {tuple(labels.shape)}")
@@ -287,10 +304,13 @@ class PSFTLoss:
         function gives the per-token loss, which :func:`aggregate_loss` reduces."""
         cfg = self.config
         self._check_output(logits, labels)
-        want_h = cfg.compute_entropy or "entropy" in OBJECTIVES[cfg.kind].requires(cfg)
-        logp, entropy = self._logprobs_of(logits, labels, tp_group=tp_group, want_h=want_h)
+        required = OBJECTIVES[cfg.kind].requires(cfg)
+        want_h = cfg.compute_entropy or "entropy" in required
+        logp, entropy, top = self._logprobs_of(logits, labels, tp_group=tp_group, want_h=want_h,
+                                               want_top="topk_entropy" in required)
         return self.compute_from_logprobs(logp, entropy, loss_mask, old_logprobs=old_logprobs, ref=ref,
-                                          output=logits, seq_ids=seq_ids, cp_group=cp_group, tp_group=tp_group)
+                                          output=logits, seq_ids=seq_ids, cp_group=cp_group, tp_group=tp_group,
+                                          topk_entropy=top)
 
     def compute_from_logprobs(
         self,
@@ -304,10 +324,12 @@ class PSFTLoss:
         seq_ids: Optional[torch.Tensor] = None,
         cp_group=None,
         tp_group=None,
+        topk_entropy: Optional[torch.Tensor] = None,
     ) -> LossOutput:
         """``(loss_sum, normaliser, metrics)`` from per-token values already computed: ``logp``
-        fp32 ``[b, s]`` (differentiable), ``entropy`` ``[b, s]`` or None; ``output`` is the model
-        output (needed only by kinds that require "logits"). See :meth:`loss_func`."""
+        fp32 ``[b, s]`` (differentiable), ``entropy`` ``[b, s]`` or None, ``topk_entropy``
+        ``[b, s]`` (kinds that require it: EAFT) or None; ``output`` is the model output (needed
+        only by kinds that require "logits"). See :meth:`loss_func`."""
         cfg = self.config
         objective = OBJECTIVES[cfg.kind]
         required = objective.requires(cfg)
@@ -316,8 +338,10 @@ class PSFTLoss:
                              "logits [b, s, V/tp] (kl_estimator='full')")
         if "entropy" in required and entropy is None:
             raise ValueError(f"loss.kind={cfg.kind!r} needs the entropy of the current policy")
+        if "topk_entropy" in required and topk_entropy is None:
+            raise ValueError(f"loss.kind={cfg.kind!r} needs the top-{cfg.eaft_topk} entropy of the current policy")
         result = objective.fn(TokenInputs(logp=logp, entropy=entropy, old_logprobs=old_logprobs, ref=ref,
-                                          output=output, config=cfg, tp_group=tp_group))
+                                          output=output, config=cfg, tp_group=tp_group, topk_entropy=topk_entropy))
         mask = loss_mask != 0
         if seq_ids is not None:
             mask = mask & (seq_ids >= 0)
@@ -352,7 +376,7 @@ class PSFTLoss:
 
         def _collect(output_tensor: torch.Tensor) -> LossOutput:
             with torch.no_grad():
-                logp, ent = self._logprobs_of(output_tensor, labels, tp_group=tp_group, want_h=want_h)
+                logp, ent, _ = self._logprobs_of(output_tensor, labels, tp_group=tp_group, want_h=want_h)
             res = {"logprobs": logp.detach()}
             if ent is not None:
                 res["entropy"] = ent.detach()

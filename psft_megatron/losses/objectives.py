@@ -14,6 +14,7 @@ the registered kinds.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, FrozenSet, Optional
 
@@ -34,6 +35,9 @@ __all__ = [
     "kl_k3",
     "sft_kl_objective",
     "kl_term",
+    "asft_objective",
+    "eaft_weight",
+    "eaft_objective",
 ]
 
 #: the k3 ("low-variance") KL estimate is clamped to [-K3_CLAMP, K3_CLAMP]
@@ -140,6 +144,38 @@ def kl_term(
     raise ValueError(f"kl_estimator={kl_estimator!r} is not one of k1, k3, full")
 
 
+def asft_objective(logp: torch.Tensor, kl: torch.Tensor, *, kl_coef: float = 0.1) -> torch.Tensor:
+    """Anchored SFT (arXiv 2509.23753): DFT's loss plus ``kl_coef`` times a KL to a reference.
+
+    ``L = -sg(p) logp + kl_coef * KL`` with ``p = exp(logp)`` and ``KL`` the per-token value of
+    :func:`kl_term` (label-token k1/k3 estimates of ``KL(pi || pi_ref)``) or of
+    ``vocab_parallel_kl(..., reverse=True)`` (the exact ``KL(pi_ref || pi)`` over the vocabulary,
+    the authors' form). Gradient w.r.t. ``logp``: ``-p + kl_coef * dKL/dlogp`` (k1: ``1``; k3:
+    ``1 - exp(ref - logp)`` inside the clamp); for the full KL, w.r.t. the logits,
+    ``-p (onehot(y) - softmax) + kl_coef * (softmax - softmax_ref)``. The weight ``p`` carries
+    no gradient, the reference none either.
+    """
+    return dft_objective(logp) + kl_coef * kl
+
+
+def eaft_weight(topk_entropy: torch.Tensor, k: int, alpha: float = 1.0) -> torch.Tensor:
+    """EAFT's gate (arXiv 2601.02151): ``(H_k / log k) ** alpha``, detached, in ``[0, 1]``.
+
+    ``H_k`` is the entropy of the renormalised top-``k`` distribution
+    (:func:`psft_megatron.ops.vocab_parallel_topk_entropy`), ``0 <= H_k <= log k``; the ratio
+    is clamped to ``[0, 1]`` against rounding. ``alpha = 0`` gives weight 1 (cross-entropy)."""
+    ratio = (topk_entropy.detach().float() / math.log(k)).clamp(0.0, 1.0)
+    return ratio if alpha == 1.0 else ratio.pow(alpha)
+
+
+def eaft_objective(logp: torch.Tensor, topk_entropy: torch.Tensor, *, k: int = 20, alpha: float = 1.0) -> torch.Tensor:
+    """Entropy-adaptive fine-tuning: ``L = -w logp`` with ``w = sg((H_k / log k) ** alpha)``
+    (:func:`eaft_weight`). The gate is a constant of the backward: gradient w.r.t. ``logp`` is
+    ``-w`` (w.r.t. the logits ``-w (onehot(y) - softmax)``); confident tokens (low top-k
+    entropy) are down-weighted, uncertain ones learned at full strength."""
+    return -eaft_weight(topk_entropy, k, alpha) * logp
+
+
 # --------------------------------------------------------------------------------------------
 # the table of loss kinds
 # --------------------------------------------------------------------------------------------
@@ -151,6 +187,8 @@ class TokenInputs:
         logp: log p(label) under the current policy, differentiable.
         entropy: the current policy's entropy (no gradient) or None (computed when the config's
             ``compute_entropy`` is set or the objective requires "entropy").
+        topk_entropy: the entropy of the renormalised top-``eaft_topk`` distribution (no
+            gradient) when the objective requires "topk_entropy", else None.
         old_logprobs: the old policy's log-probs, or None (= the current ones, detached).
         ref: the reference policy's log-probs ``[b, s]``, or its logits ``[b, s, V/tp]`` when the
             objective requires "logits" (``kl_estimator='full'``); None when not given.
@@ -166,6 +204,7 @@ class TokenInputs:
     output: torch.Tensor
     config: Any
     tp_group: Any = None
+    topk_entropy: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -183,8 +222,9 @@ class ObjectiveResult:
 class Objective:
     """One loss kind: ``fn(TokenInputs) -> ObjectiveResult`` and ``requires(config)``, the names
     of the inputs it cannot do without: "ref" (a reference policy's log-probs or logits),
-    "entropy" (the current entropy), "logits" (the vocab-parallel logits themselves, so no
-    fused output layer)."""
+    "entropy" (the current entropy), "topk_entropy" (the entropy of the top-``eaft_topk``
+    distribution: from the logits, or a third channel of the fused output), "logits" (the
+    vocab-parallel logits themselves, so no fused output layer)."""
 
     kind: str
     fn: Callable[[TokenInputs], ObjectiveResult]
@@ -225,7 +265,9 @@ def _psft(x: TokenInputs) -> ObjectiveResult:
     return ObjectiveResult(per_token, means=means, maxima={"ratio_max": ratio})
 
 
-def _sft_kl(x: TokenInputs) -> ObjectiveResult:
+def _kl(x: TokenInputs, reverse: bool) -> torch.Tensor:
+    """The micro-batch's per-token KL term: label-token k1/k3 from ``ref`` log-probs, or the
+    exact full-vocabulary KL from ``ref`` logits (``reverse``: ``KL(pi_ref || pi)``)."""
     cfg = x.config
     if cfg.kl_estimator == "full":
         from psft_megatron.ops import vocab_parallel_kl
@@ -233,14 +275,35 @@ def _sft_kl(x: TokenInputs) -> ObjectiveResult:
         if tuple(x.ref.shape) != tuple(x.output.shape):
             raise ValueError(f"kl_estimator='full' needs reference logits of shape {tuple(x.output.shape)}, "
                              f"got {tuple(x.ref.shape)}")
-        kl = vocab_parallel_kl(x.output, x.ref, tp_group=x.tp_group, chunk_size=cfg.chunk_size)
-    else:
-        kl = kl_term(x.logp, x.ref.to(torch.float32), kl_estimator=cfg.kl_estimator)
-    return ObjectiveResult(sft_objective(x.logp) + cfg.kl_coef * kl, means={"kl": kl.detach()})
+        return vocab_parallel_kl(x.output, x.ref, tp_group=x.tp_group, chunk_size=cfg.chunk_size, reverse=reverse)
+    return kl_term(x.logp, x.ref.to(torch.float32), kl_estimator=cfg.kl_estimator)
+
+
+def _sft_kl(x: TokenInputs) -> ObjectiveResult:
+    kl = _kl(x, reverse=False)
+    return ObjectiveResult(sft_objective(x.logp) + x.config.kl_coef * kl, means={"kl": kl.detach()})
+
+
+def _asft(x: TokenInputs) -> ObjectiveResult:
+    kl = _kl(x, reverse=True)
+    return ObjectiveResult(asft_objective(x.logp, kl, kl_coef=x.config.asft_kl_coef), means={"kl": kl.detach()})
+
+
+def _eaft(x: TokenInputs) -> ObjectiveResult:
+    cfg = x.config
+    weight = eaft_weight(x.topk_entropy, cfg.eaft_topk, cfg.eaft_alpha)
+    return ObjectiveResult(-weight * x.logp, means={"eaft_weight": weight, "topk_entropy": x.topk_entropy.detach()})
+
+
+def _needs_ref(cfg) -> FrozenSet[str]:
+    return frozenset({"ref", "logits"} if cfg.kl_estimator == "full" else {"ref"})
 
 
 register_objective("sft", _sft, summary="cross-entropy -logp")
 register_objective("psft", _psft, summary="-min(r, clip(r, 1 - eps_low, 1 + eps_high)), r = p / p_old")
 register_objective("dft", _dft, summary="-sg(p) * logp")
-register_objective("sft_kl", _sft_kl, summary="-logp + kl_coef * KL(pi || pi_ref)",
-                   requires=lambda cfg: frozenset({"ref", "logits"} if cfg.kl_estimator == "full" else {"ref"}))
+register_objective("sft_kl", _sft_kl, summary="-logp + kl_coef * KL(pi || pi_ref)", requires=_needs_ref)
+register_objective("asft", _asft, summary="-sg(p) * logp + asft_kl_coef * KL (full: KL(pi_ref || pi))",
+                   requires=_needs_ref)
+register_objective("eaft", _eaft, summary="-sg((H_topk / log k) ** alpha) * logp",
+                   requires=lambda cfg: frozenset({"topk_entropy"}))

@@ -43,6 +43,7 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.distributed as dist
 
+from psft_megatron.ops.topk_entropy import check_topk, entropy_of_top_values, local_topk, merge_topk
 from psft_megatron.ops.softmax_stats import (
     REDUCE_SCATTER_SINGLE,
     ALL_GATHER_SINGLE,
@@ -191,24 +192,29 @@ def _dummy_weight_grad(weight: torch.Tensor, main_grad: torch.Tensor) -> torch.T
 # per-chunk statistics
 # --------------------------------------------------------------------------------------------
 def _chunk_local_stats(tiles: _Tiles, h: torch.Tensor, weight: torch.Tensor, local_y: torch.Tensor,
-                       owned: torch.Tensor, block: int, want_t: bool) -> torch.Tensor:
-    """This rank's ``[rows, k]`` statistics ``m, s, z_y[, t]`` of one row chunk over its shard."""
+                       owned: torch.Tensor, block: int, want_t: bool, topk: int = 0) -> torch.Tensor:
+    """This rank's ``[rows, k]`` statistics ``m, s, z_y[, t]`` of one row chunk over its shard,
+    followed (``topk > 0``) by the ``min(topk, V/tp)`` largest logits of each row: a running
+    top-k merged block by block (``ops.topk_entropy``), so that ONE exchange carries both."""
     vt = weight.shape[0]
-    run = None
+    run = top = None
     zy = torch.zeros(h.shape[0], dtype=torch.float32, device=h.device)
     for v0 in range(0, vt, block):
         v1 = min(vt, v0 + block)
         z, d, e = tiles.logits(h, tiles.block(weight, v0, v1))
-        # the target logit first: for fp32 inputs the statistics below work in place in z
+        # the target logit and the top-k first: for fp32 inputs the statistics below work in
+        # place in z
         hit = owned & (local_y >= v0) & (local_y < v1)
         col = torch.where(hit, local_y - v0, torch.zeros_like(local_y)).unsqueeze(1)
         zy += torch.where(hit, z.gather(1, col).squeeze(1).float(), torch.zeros((), device=h.device))
+        if topk:
+            top = merge_topk(top, local_topk(z, topk), topk)
         part = local_softmax_stats(z, want_t, d, e)
         run = part if run is None else merge_blocks(run, part)
     m, s, t = run
     cols = [m, s, zy] + ([t] if want_t else [])
-    return torch.stack(cols, dim=1)
-
+    stats = torch.stack(cols, dim=1)
+    return stats if top is None else torch.cat([stats, top], dim=1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -395,7 +401,7 @@ def _gather_rows(hidden, tp_group, world: int, sequence_parallel: bool) -> torch
 
 class _FusedLinearLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, sel, tp_group, rank, world, sequence_parallel, want_h, rows, block):
+    def forward(ctx, hidden, weight, labels, sel, tp_group, rank, world, sequence_parallel, want_h, rows, block, topk):
         h_all = _gather_rows(hidden, tp_group, world, sequence_parallel)
         n = h_all.shape[0]
         if labels.shape[0] != n:
@@ -408,38 +414,42 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         valid = (y >= 0) & (y < vt * world)
         n_sel = y.shape[0]
         f32 = dict(dtype=torch.float32, device=hidden.device)
-        logp_sel, ent_sel = torch.zeros(n_sel, **f32), torch.zeros(n_sel, **f32)
+        logp_sel, ent_sel, top_sel = (torch.zeros(n_sel, **f32) for _ in range(3))
         M, S = torch.zeros(n_sel, **f32), torch.ones(n_sel, **f32)
         rows = min(rows, max(n_sel, 1))
+        k_stats = 4 if want_h else 3
         tiles = _Tiles(h_all, weight, rows, min(block, vt), entropy_buf=want_h)
         for a in range(0, n_sel, rows):
             b = min(n_sel, a + rows)
             stats = _chunk_local_stats(tiles, tiles.rows(h_all, sel, a, b), weight, local_y[a:b], owned[a:b],
-                                       block, want_h)
-            # one exchange of the chunk's statistics over the TP group
+                                       block, want_h, topk)
+            # one exchange of the chunk's statistics (and top-k candidates) over the TP group
             allstats = all_gather_stats(stats, tp_group, world) if world > 1 else stats.unsqueeze(0)
-            logp_sel[a:b], ent, M[a:b], S[a:b] = merge_ranks(allstats, valid[a:b], want_h)
+            logp_sel[a:b], ent, M[a:b], S[a:b] = merge_ranks(allstats[..., :k_stats], valid[a:b], want_h)
             if want_h:
                 ent_sel[a:b] = ent
+            if topk:  # [R, rows, k'] candidates -> [rows, R k'] -> entropy of the top k
+                cand = allstats[..., k_stats:].permute(1, 0, 2).reshape(b - a, -1)
+                top_sel[a:b] = entropy_of_top_values(cand, topk)
         del tiles
-        if sel is None:
-            logp, ent = logp_sel, ent_sel
-        else:
-            logp = torch.zeros(n, **f32).index_copy_(0, sel, logp_sel)
-            ent = torch.zeros(n, **f32).index_copy_(0, sel, ent_sel)
+        outs = [logp_sel, ent_sel, top_sel]
+        if sel is not None:
+            outs = [torch.zeros(n, **f32).index_copy_(0, sel, t) for t in outs]
+        logp, ent, top = outs
         if not want_h:
             ctx.mark_non_differentiable(ent)
+        ctx.mark_non_differentiable(top)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(h_all, weight, sel, local_y, owned, valid, M, S, ent_sel)
         ctx.cfg = (tp_group, world, sequence_parallel, want_h, rows, block, hidden.shape[0])
-        return logp, ent
+        return logp, ent, top
 
     @staticmethod
-    def backward(ctx, g_lp, g_ent):
+    def backward(ctx, g_lp, g_ent, _g_top):
         h_all, weight, sel, local_y, owned, valid, M, S, ent = ctx.saved_tensors
         tp_group, world, sequence_parallel, want_h, rows, block, n_local = ctx.cfg
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        none = (None,) * 9
+        none = (None,) * 10
         g_ent = g_ent if want_h else None
         if (g_lp is None and g_ent is None) or not (need_dh or need_dw):
             return (None, None) + none
@@ -511,7 +521,8 @@ def fused_linear_logprobs(
     chunk_size: Optional[int] = None,
     vocab_block_size: Optional[int] = None,
     rows_match_labels: bool = False,
-) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    topk_entropy: Optional[int] = None,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, ...]]:
     """Log-probability of ``labels`` (and the entropy) under ``hidden @ weight.T``, logits-free.
 
     (Over 60 lines only by this docstring: the argument contract is the op's public API.)
@@ -538,9 +549,13 @@ def fused_linear_logprobs(
         vocab_block_size: vocabulary entries per tile. ``None``: 512 on CPU, 8192 on
             accelerators.
         rows_match_labels: accept flat ``[n, h]`` rows with ``[n]`` labels, row ``i`` <-> label ``i``.
+        topk_entropy: ``k``: also return the entropy of each row's renormalised top-``k``
+            distribution (``ops.topk_entropy``; EAFT's gate), found by a running top-k over the
+            tiles and exchanged with the statistics; no gradient.
 
     Returns:
         fp32 ``logp`` of the labels' shape (``[b, s]``; nats, ``<= 0``) or ``(logp, entropy)``,
+        then the top-k entropy last when ``topk_entropy`` is given,
         equal within fp32 rounding to ``vocab_parallel_logprobs(logits, labels)`` on the output
         layer's logits, differentiable w.r.t. ``hidden`` and ``weight``; gradients are returned
         in their dtypes, accumulated in fp32.
@@ -548,7 +563,7 @@ def fused_linear_logprobs(
     Communication: with SP, one all-gather of ``hidden`` forward and one reduce-scatter of its
     gradient backward; without SP (TP > 1), one all-reduce of the hidden gradient backward (as
     megatron's column-parallel output layer); one all-gather of ``[rows, 4]`` fp32 statistics
-    per chunk forward. The math is in ``docs/logprobs.md`` ("Fused output layer").
+    (``[rows, 4 + min(k, V/tp)]`` with ``topk_entropy=k``) per chunk forward. The math is in ``docs/logprobs.md`` ("Fused output layer").
     """
     if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"hidden [s, b, h] and weight [V/tp, h] expected, got {tuple(hidden.shape)} "
@@ -563,10 +578,13 @@ def fused_linear_logprobs(
             raise ValueError(f"{name} must be a positive int or None, got {val}")
     rows_in, flat_labels, sel, out_shape = _rows_and_labels(hidden, labels, mask, rows_match_labels)
     group, rank, world = resolve_tp_group(tp_group)
+    topk = 0 if topk_entropy is None else check_topk(topk_entropy, weight.shape[0] * world)
     rows, block = default_fused_tiles(hidden.device)
     rows, block = int(chunk_size or rows), int(vocab_block_size or block)
-    logp, ent = _FusedLinearLogprobs.apply(rows_in, weight, flat_labels.long(), sel, group, rank, world,
-                                           bool(sequence_parallel and world > 1), bool(return_entropy), rows, block)
+    outs = _FusedLinearLogprobs.apply(rows_in, weight, flat_labels.long(), sel, group, rank, world,
+                                      bool(sequence_parallel and world > 1), bool(return_entropy), rows, block, topk)
     if out_shape is not None:  # [s, b] rows -> [b, s]
-        logp, ent = (t.view(out_shape).t().contiguous() for t in (logp, ent))
-    return (logp, ent) if return_entropy else logp
+        outs = [t.view(out_shape).t().contiguous() for t in outs]
+    logp, ent, top = outs
+    picked = [logp] + ([ent] if return_entropy else []) + ([top] if topk else [])
+    return picked[0] if len(picked) == 1 else tuple(picked)

@@ -5,7 +5,8 @@ The logits of a tensor-parallel LM head are split along the vocabulary: TP rank 
 
 * ``logp = log softmax(z)[y]`` of the label ``y`` under the FULL (all-rank) softmax,
 * ``H = -sum_j p_j log p_j``, the entropy of the full distribution (optional),
-* ``KL(p || q) = sum_j p_j (log p_j - log q_j)`` against reference logits (``vocab_parallel_kl``),
+* ``KL(p || q) = sum_j p_j (log p_j - log q_j)`` against reference logits, or ``KL(q || p)``
+  (``vocab_parallel_kl``),
 
 all in fp32 and in nats, differentiable with respect to the (local shard of the) logits, with
 correct gradients on every TP rank.
@@ -237,8 +238,11 @@ def vocab_parallel_logprobs(
 # full-vocabulary KL(p || q) against reference logits
 # --------------------------------------------------------------------------------------------
 class _VocabParallelKL(torch.autograd.Function):
+    """``KL(p || q)`` (``reverse=False``) or ``KL(q || p)`` (``reverse=True``), ``p = softmax(z)``
+    the differentiable policy, ``q = softmax(w)`` the constant reference."""
+
     @staticmethod
-    def forward(ctx, logits, ref_logits, tp_group, world, chunk_size):
+    def forward(ctx, logits, ref_logits, tp_group, world, chunk_size, reverse):
         vt = logits.shape[-1]
         lead_shape = logits.shape[:-1]
         z2 = logits.reshape(-1, vt)
@@ -254,32 +258,36 @@ class _VocabParallelKL(torch.autograd.Function):
             mw = w.amax(dim=-1).float()
             # every in-place op below acts on a fresh fp32 temporary, never on the inputs
             ez = (z - mz.unsqueeze(1)).exp_()
+            ew = (w - mw.unsqueeze(1)).exp_()
             stats[a:b, 0] = mz
             stats[a:b, 1] = ez.sum(dim=-1)
-            diff = z.float() - w.float()
-            stats[a:b, 2] = ez.mul_(diff).sum(dim=-1)  # sum_j e^(z_j - m) (z_j - w_j)
-            del diff, ez
             stats[a:b, 3] = mw
-            stats[a:b, 4] = (w - mw.unsqueeze(1)).exp_().sum(dim=-1)
+            stats[a:b, 4] = ew.sum(dim=-1)
+            diff = z.float() - w.float()
+            # the expectation's distribution: sum_j e^(z_j - m_z) (z_j - w_j), or
+            # sum_j e^(w_j - m_w) (w_j - z_j) for the reverse direction
+            stats[a:b, 2] = ew.mul_(diff).sum(dim=-1).neg_() if reverse else ez.mul_(diff).sum(dim=-1)
+            del diff, ez, ew
         if world > 1:
             allstats = all_gather_stats(stats, tp_group, world)
         else:
             allstats = stats.unsqueeze(0)
         Mz, Sz, wz = merge_logsumexp(allstats[..., 0], allstats[..., 1])
-        Mw, Sw, _ = merge_logsumexp(allstats[..., 3], allstats[..., 4])
-        log_sz = torch.log(Sz)
-        log_sw = torch.log(Sw)
-        cross = (wz * allstats[..., 2]).sum(dim=0) / Sz  # E_p[z - w]
-        # KL = E_p[z - w] - log Z_z + log Z_w, with log Z = M + log S; offsets grouped first
-        offset = (Mz - Mw) + (log_sz - log_sw)  # log Z_z - log Z_w
-        kl = (cross - offset).clamp_min(0.0)
-        ctx.save_for_backward(logits, ref_logits, Mz, Sz, offset, kl)
+        Mw, Sw, ww = merge_logsumexp(allstats[..., 3], allstats[..., 4])
+        # offsets grouped first: log Z_z - log Z_w, with log Z = M + log S
+        offset = (Mz - Mw) + (torch.log(Sz) - torch.log(Sw))
+        if reverse:  # KL(q || p) = E_q[w - z] + (log Z_z - log Z_w)
+            kl = ((ww * allstats[..., 2]).sum(dim=0) / Sw + offset).clamp_min(0.0)
+        else:  # KL(p || q) = E_p[z - w] - (log Z_z - log Z_w)
+            kl = ((wz * allstats[..., 2]).sum(dim=0) / Sz - offset).clamp_min(0.0)
+        ctx.save_for_backward(logits, ref_logits, Mz, Sz, Mw, Sw, offset, kl)
         ctx.chunk_size = cs
+        ctx.reverse = reverse
         return kl.reshape(lead_shape)
 
     @staticmethod
     def backward(ctx, g):
-        logits, ref_logits, Mz, Sz, offset, kl = ctx.saved_tensors
+        logits, ref_logits, Mz, Sz, Mw, Sw, offset, kl = ctx.saved_tensors
         vt = logits.shape[-1]
         z2 = logits.reshape(-1, vt)
         q2 = ref_logits.reshape(-1, vt)
@@ -289,14 +297,20 @@ class _VocabParallelKL(torch.autograd.Function):
         cs = ctx.chunk_size
         for a in range(0, n, cs):
             b = min(n, a + cs)
-            # dKL/dz_j = p_j (log p_j - log q_j - KL), log p_j - log q_j = z_j - w_j - offset
-            d = z2[a:b].float() - q2[a:b].float()  # fresh fp32 temporary
-            d.sub_((offset[a:b] + kl[a:b]).unsqueeze(1))
-            e = (z2[a:b] - Mz[a:b].unsqueeze(1)).exp_()  # = S_z * p
-            d.mul_(e).mul_((g[a:b] / Sz[a:b]).unsqueeze(1))
+            e = (z2[a:b] - Mz[a:b].unsqueeze(1)).exp_()  # = S_z * p, a fresh fp32 temporary
+            if ctx.reverse:
+                # dKL(q||p)/dz_j = p_j - q_j
+                d = e.div_(Sz[a:b].unsqueeze(1))
+                d.sub_((q2[a:b] - Mw[a:b].unsqueeze(1)).exp_().div_(Sw[a:b].unsqueeze(1)))
+                d.mul_(g[a:b].unsqueeze(1))
+            else:
+                # dKL(p||q)/dz_j = p_j (log p_j - log q_j - KL), log p_j - log q_j = z_j - w_j - offset
+                d = z2[a:b].float() - q2[a:b].float()  # fresh fp32 temporary
+                d.sub_((offset[a:b] + kl[a:b]).unsqueeze(1))
+                d.mul_(e).mul_((g[a:b] / Sz[a:b]).unsqueeze(1))
             grad[a:b].copy_(d)
             del d, e
-        return grad.view(logits.shape), None, None, None, None
+        return grad.view(logits.shape), None, None, None, None, None
 
 
 def vocab_parallel_kl(
@@ -305,19 +319,24 @@ def vocab_parallel_kl(
     *,
     tp_group=None,
     chunk_size: Optional[int] = None,
+    reverse: bool = False,
 ) -> torch.Tensor:
-    """Exact per-token ``KL(p || q)`` over the full vocabulary from vocab-parallel logits.
+    """Exact per-token ``KL(p || q)`` (or ``KL(q || p)``) over the full vocabulary from
+    vocab-parallel logits.
 
     Args:
         logits: ``[..., Vt]`` this rank's shard of the current policy's logits (p).
         ref_logits: ``[..., Vt]`` the same shard of the reference policy's logits (q); treated
             as a constant (no gradient flows to it).
         tp_group, chunk_size: as in :func:`vocab_parallel_logprobs`.
+        reverse: ``False``: ``KL(p || q) = sum_j p_j (log p_j - log q_j)`` (SFT-KL's);
+            ``True``: ``KL(q || p) = sum_j q_j (log q_j - log p_j)`` (ASFT's).
 
     Returns:
-        fp32 ``[...]`` ``sum_j p_j (log p_j - log q_j)`` in nats (>= 0), differentiable w.r.t.
-        ``logits`` with ``dKL/dz_j = p_j (log p_j - log q_j - KL)`` (docs/logprobs.md), correct
-        on every TP rank; one all-gather of ``[tokens, 5]`` statistics forward, none backward.
+        fp32 ``[...]`` in nats (>= 0), differentiable w.r.t. ``logits``:
+        ``dKL(p||q)/dz_j = p_j (log p_j - log q_j - KL)``, ``dKL(q||p)/dz_j = p_j - q_j``
+        (docs/logprobs.md), correct on every TP rank; one all-gather of ``[tokens, 5]``
+        statistics forward, none backward.
     """
     _check_inputs(logits)
     if tuple(ref_logits.shape) != tuple(logits.shape):
@@ -327,4 +346,4 @@ def vocab_parallel_kl(
     if chunk_size is not None and int(chunk_size) <= 0:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size}")
     group, _rank, world = resolve_tp_group(tp_group)
-    return _VocabParallelKL.apply(logits, ref_logits.detach(), group, world, chunk_size)
+    return _VocabParallelKL.apply(logits, ref_logits.detach(), group, world, chunk_size, bool(reverse))

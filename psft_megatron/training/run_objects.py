@@ -122,18 +122,21 @@ def loss_configs(cfg: RunConfig) -> Tuple[object, object]:
     from ``model.psft``; the SFT one trains the warm-up steps and validates."""
     from psft_megatron.losses import LossConfig
 
+    from psft_megatron.losses.objectives import OBJECTIVES
+
     psft = cfg.model.psft
-    if psft.kl_estimator == "full":
-        raise ConfigError("model.psft.kl_estimator=full needs the reference logits in the training step; the trainer "
-                          "supports k1 and k3 (use the plug-in API for full)")
     common = dict(agg_mode=psft.agg_mode, compute_entropy=psft.compute_entropy, chunk_size=psft.chunk_size,
                   fused_output_layer=psft.fused_output_layer)
     try:
-        return (LossConfig(kind=psft.loss, clip_eps_low=psft.clip_eps_low, clip_eps_high=psft.clip_eps_high,
-                           kl_coef=psft.kl_coef, kl_estimator=psft.kl_estimator, **common),
-                LossConfig(kind="sft", **common))
+        loss = LossConfig(kind=psft.loss, clip_eps_low=psft.clip_eps_low, clip_eps_high=psft.clip_eps_high,
+                          kl_coef=psft.kl_coef, kl_estimator=psft.kl_estimator, asft_kl_coef=psft.asft_kl_coef,
+                          eaft_topk=psft.eaft_topk, eaft_alpha=psft.eaft_alpha, **common)
     except ValueError as exc:  # LossConfig names its own fields: loss.<field>
         raise ConfigError(_psft_key(str(exc))) from None
+    if "logits" in OBJECTIVES[psft.loss].requires(loss):
+        raise ConfigError(f"model.psft.kl_estimator=full needs the reference logits in the training step; the trainer "
+                          f"supports k1 and k3 for model.psft.loss={psft.loss} (use the plug-in API for full)")
+    return loss, LossConfig(kind="sft", **common)
 
 
 def _psft_key(message: str) -> str:

@@ -36,7 +36,8 @@ from psft_megatron.checkpointing.restore import describe_restore, record_for_sav
 logger = logging.getLogger(__name__)
 
 #: metrics shared from the last pipeline stage to rank 0 each step (fixed order)
-STEP_KEYS = ("loss", "nll", "entropy", "clip_frac", "ratio_mean", "ratio_max", "approx_kl", "kl", "num_tokens")
+STEP_KEYS = ("loss", "nll", "entropy", "clip_frac", "ratio_mean", "ratio_max", "approx_kl", "kl", "eaft_weight",
+             "topk_entropy", "num_tokens")
 
 
 class NonFiniteTrainingError(UserError, RuntimeError):
@@ -177,6 +178,7 @@ class Trainer:
 
         from psft_megatron.data import SFTDataset, build_tokenizer
         from psft_megatron.losses import PSFTLoss
+        from psft_megatron.losses.objectives import OBJECTIVES
         from psft_megatron.distributed.runtime import ParallelConfig, initialize
         from psft_megatron.training import run_objects
         from psft_megatron.training.metrics_log import MetricsLogger
@@ -201,8 +203,13 @@ class Trainer:
             raise ConfigError(f"model.vocab_size={self.model_cfg.vocab_size} is smaller than the tokenizer's "
                               f"{self.tokenizer.vocab_size} ({tok_cfg.model or tok_cfg.type})")
         psft = m.psft
-        # A frozen copy of the initial weights: the SFT-KL reference, or pi_old when frozen.
-        needs_frozen = psft.loss == "sft_kl" or (psft.loss == "psft" and psft.freeze_old_policy)
+        required = OBJECTIVES[psft.loss].requires(pre.loss)
+        vocab = self.model_cfg.padded_vocab_size(self.parallel.tensor_model_parallel_size)
+        if "topk_entropy" in required and psft.eaft_topk > vocab:
+            raise ConfigError(f"model.psft.eaft_topk={psft.eaft_topk} exceeds the model's vocabulary ({vocab} entries)")
+        self.needs_ref = "ref" in required  # reference log-probs of the frozen initial model (SFT-KL, ASFT)
+        # A frozen copy of the initial weights: the reference, or pi_old when frozen.
+        needs_frozen = self.needs_ref or (psft.loss == "psft" and psft.freeze_old_policy)
         self.restore_info = self._check_restore(resuming=resume is not None, needs_frozen=needs_frozen)
 
         tp, cp, sp = self.parallel.tensor_model_parallel_size, self.parallel.context_parallel_size, \
@@ -430,7 +437,7 @@ class Trainer:
         from psft_megatron.training.step import train_step
         from psft_megatron.training.throughput import start_timer
 
-        cfg, psft = self.cfg, self.cfg.model.psft
+        cfg = self.cfg
         forward_steps = {"psft": make_train_forward_step(self.loss), "sft": make_train_forward_step(self.sft_loss)}
         batches = self._micro_batches(self.train_set, self.sampler)
         last: Dict[str, float] = {}
@@ -442,7 +449,7 @@ class Trainer:
                     self._start_window(batches)
                 micros, sampler_state = self.pending.pop(0)
                 forward_only = self.forward_only.pop(id(micros), None)  # its old-policy pass
-                if psft.loss == "sft_kl":
+                if self.needs_ref:
                     forward_only = start_timer()
                     attach_logprobs(self.frozen, micros, self.loss, "ref_logprobs", seq_length=self._seq_length(micros))
                     forward_only.stop()

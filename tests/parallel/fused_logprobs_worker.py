@@ -4,7 +4,7 @@
 
 Part 1, the op (``psft_megatron.ops.fused_linear_logprobs``): TP=2 (two groups side by side)
 and TP=4, with and without sequence parallelism, masks, several row chunks and vocabulary
-blocks per rank. Every rank compares its values, its hidden gradient and its weight-shard
+blocks per rank, and the top-k entropy (EAFT's gate) exchanged with the statistics. Every rank compares its values, its hidden gradient and its weight-shard
 gradient with a float64 single-process reference built from the full weights.
 
 Part 2, the megatron model (fp32, ``PSFTLoss`` with ``fused_output_layer`` on and off, same
@@ -56,6 +56,16 @@ def _reference(h, w, y, mask, g_lp, g_ent):
     return lp.detach(), ent.detach(), hr.grad, wr.grad
 
 
+def _reference_topk(h, w, mask, k):
+    """float64 entropy of each row's renormalised top-k distribution (0 on masked rows)."""
+    z = h.double() @ w.double().t()
+    if h.dtype != torch.float32:
+        z = z.to(h.dtype).double()
+    lq = torch.log_softmax(torch.sort(z, dim=-1, descending=True).values[:, :k], -1)
+    ent = -(lq.exp() * lq).sum(-1)
+    return ent if mask is None else torch.where(mask != 0, ent, torch.zeros((), dtype=torch.float64))
+
+
 def _max_rel(a, b):
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
 
@@ -95,14 +105,17 @@ def op_cases(only=None):
             vt, nl = v // tp, n // tp
             hx = (h[r * nl:(r + 1) * nl] if sp else h).clone().requires_grad_(True)
             wx = w[r * vt:(r + 1) * vt].clone().requires_grad_(True)
-            lp, ent = fused_linear_logprobs(hx, wx, y, tp_group=groups[tp], sequence_parallel=sp, mask=mask, rows_match_labels=True,
-                                            return_entropy=True, chunk_size=rows, vocab_block_size=block)
+            k = 20 if tp == 2 else 80  # at TP=4 each rank holds 64 < k logits: the top-k spans ranks
+            lp, ent, top = fused_linear_logprobs(hx, wx, y, tp_group=groups[tp], sequence_parallel=sp, mask=mask,
+                                                 rows_match_labels=True, return_entropy=True, chunk_size=rows,
+                                                 vocab_block_size=block, topk_entropy=k)
             ((lp * g_lp).sum() + (ent * g_ent).sum()).backward()
             r_lp, r_ent, r_dh, r_dw = _reference(h, w, y, mask, g_lp, g_ent)
             r_dh = r_dh[r * nl:(r + 1) * nl] if sp else r_dh
             out[name] = {
                 "logp": (lp.double() - r_lp).abs().max().item(),
                 "entropy": (ent.double() - r_ent).abs().max().item(),
+                "topk_entropy": (top.double() - _reference_topk(h, w, mask, k)).abs().max().item(),
                 "grad_hidden": _max_rel(hx.grad, r_dh),
                 "grad_weight": _max_rel(wx.grad, r_dw[r * vt:(r + 1) * vt]),
                 "chunks": -(-int(n if mask is None else (mask != 0).sum()) // rows),

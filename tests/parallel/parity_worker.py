@@ -97,6 +97,15 @@ class Layout:
 # weights for the whole run): the zero-gradient branch is exercised, clip_frac > 0.
 PSFT = dict(kind="psft", clip_eps_high=0.02)
 PSFT_SEQ = dict(PSFT, agg_mode="seq-mean-token-mean")
+# ASFT and EAFT against a float64 reference written here: ASFT with the k3 estimate (reference =
+# the initial weights' log-probs) and with the authors' exact KL(pi_ref || pi) over the vocabulary
+# (the initial weights' logits, sliced to this TP rank's vocabulary); EAFT with the default gate
+# through the fused output layer (its top-k merged over tiles and TP ranks) and with another k
+# and exponent from the logits.
+ASFT = dict(kind="asft", asft_kl_coef=0.5)
+ASFT_FULL = dict(kind="asft", kl_estimator="full")
+EAFT_FUSED = dict(kind="eaft", fused_output_layer=True, chunk_size=5)
+EAFT_ALPHA = dict(kind="eaft", eaft_topk=8, eaft_alpha=0.5)
 
 
 def P(tp=1, pp=1, vpp=None, cp=1, sp=False) -> ParallelConfig:
@@ -118,6 +127,10 @@ SUITES = {
         Layout("psft_seqmean_cp2", P(cp=2), loss=PSFT_SEQ),
         Layout("psft_seqmean_dp2_distopt", P(), distopt=True, loss=PSFT_SEQ),
         Layout("psft_pp2_vpp2", P(pp=2, vpp=2), loss=PSFT),
+        Layout("asft_tp2_full_kl", P(tp=2), loss=ASFT_FULL),
+        Layout("asft_pp2", P(pp=2), loss=ASFT),
+        Layout("eaft_tp2_sp_fused", P(tp=2, sp=True), loss=EAFT_FUSED),
+        Layout("eaft_pp2", P(pp=2), loss=EAFT_ALPHA),
         Layout("planted_tp2_sp_norm_unmarked", P(tp=2, sp=True), plant="sp_norm_unmarked"),
     ],
     # 4 processes
@@ -200,8 +213,23 @@ def ce_loss_func(labels, loss_mask, output_tensor):
     return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), loss_mask.sum()])}
 
 
+def _ref_for(batch, loss: dict):
+    """The micro-batch's reference for ASFT: the initial weights' log-probs (k1/k3) or their
+    logits sliced to this TP rank's vocabulary shard ('full'); None for other kinds."""
+    if loss.get("kind") != "asft":
+        return None
+    if loss.get("kl_estimator") != "full":
+        return batch["old_logprobs"]
+    from megatron.core import parallel_state
+
+    tp, rank = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
+    vt = batch["ref_logits"].shape[-1] // tp
+    return batch["ref_logits"][..., rank * vt:(rank + 1) * vt]
+
+
 def make_forward_step(loss: Optional[dict]):
-    """megatron forward_step: megatron's CE (loss None) or our PSFTLoss plug-in."""
+    """megatron forward_step: megatron's CE (loss None) or our PSFTLoss plug-in (through
+    ``PSFTLoss.model_forward`` with ``fused_output_layer``)."""
     from functools import partial
 
     from psft_megatron.losses import PSFTLoss
@@ -210,10 +238,15 @@ def make_forward_step(loss: Optional[dict]):
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
-        output = model(batch["tokens"], batch["position_ids"], None)
+        if plugin is not None and plugin.config.fused_output_layer:
+            output = plugin.model_forward(model, batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
+                                          loss_mask=batch["loss_mask"])
+        else:
+            output = model(batch["tokens"], batch["position_ids"], None)
         if plugin is None:
             return output, partial(ce_loss_func, batch["labels"], batch["loss_mask"])
-        return output, plugin.loss_func(batch["labels"], batch["loss_mask"], old_logprobs=batch["old_logprobs"])
+        return output, plugin.loss_func(batch["labels"], batch["loss_mask"], old_logprobs=batch["old_logprobs"],
+                                        ref=_ref_for(batch, loss))
 
     return forward_step
 
@@ -224,8 +257,9 @@ def reference_metrics(model_cfg: ModelConfig, weights: Dict[str, torch.Tensor], 
 
     Returns ``{metric: values}``: STEPS + 2 training values (one per AdamW step) and, last,
     the eval value on batch 0 after STEPS steps. Metrics: "loss" (CE, or the PSFT objective
-    with its aggregation), and for PSFT "entropy" and "clip_frac" (token means).
-    The PSFT formula is written out here in plain torch, independently of psft_megatron.losses.
+    with its aggregation), and for PSFT "entropy" and "clip_frac" (token means); for ASFT and
+    EAFT the objective in float64 from the fp32 logits (:func:`float64_objective`).
+    The formulas are written out here in plain torch, independently of psft_megatron.losses.
     """
     reinitialize_model_parallel(ParallelConfig(), SEED)
     config = model_cfg.to_transformer_config(ParallelConfig())
@@ -240,10 +274,12 @@ def reference_metrics(model_cfg: ModelConfig, weights: Dict[str, torch.Tensor], 
 
     def metrics_of(batch):
         logits = model(batch["tokens"], batch["position_ids"], None).float()
-        logp_all = torch.log_softmax(logits, dim=-1)
-        logp = logp_all.gather(-1, batch["labels"].unsqueeze(-1)).squeeze(-1)  # [G, S]
         mask = batch["loss_mask"]
         token_mean = lambda x: (x * mask).sum() / mask.sum()  # noqa: E731
+        if loss is not None and loss["kind"] in ("asft", "eaft"):
+            return float64_objective(logits, batch, loss, token_mean)
+        logp_all = torch.log_softmax(logits, dim=-1)
+        logp = logp_all.gather(-1, batch["labels"].unsqueeze(-1)).squeeze(-1)  # [G, S]
         if loss is None:
             return {"loss": token_mean(-logp)}
         eps_high, eps_low = loss.get("clip_eps_high", 0.28), loss.get("clip_eps_low", 0.2)
@@ -274,17 +310,44 @@ def reference_metrics(model_cfg: ModelConfig, weights: Dict[str, torch.Tensor], 
     return history
 
 
-def old_logprobs_of(model_cfg: ModelConfig, weights: Dict[str, torch.Tensor], batches) -> List[torch.Tensor]:
-    """pi_old for the PSFT layouts: log-probs of the labels under the initial weights, [G, S]."""
+def float64_objective(logits: torch.Tensor, batch, loss: dict, token_mean) -> Dict[str, torch.Tensor]:
+    """ASFT and EAFT from the papers' formulas in float64 (token-mean), written here
+    independently of psft_megatron.losses: ``loss`` (differentiable), ``entropy`` and the
+    objective's own metric (ASFT: the KL term's mean; EAFT: the gate's mean)."""
+    z = logits.double()
+    logp_all = torch.log_softmax(z, dim=-1)
+    logp = logp_all.gather(-1, batch["labels"].unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    if loss["kind"] == "asft":  # DFT + lambda KL
+        if loss.get("kl_estimator") == "full":  # KL(pi_ref || pi) = sum_j q_j (log q_j - log p_j)
+            log_q = torch.log_softmax(batch["ref_logits"].double(), dim=-1)
+            kl = (log_q.exp() * (log_q - logp_all)).sum(-1)
+        else:  # k3 on the label token, delta = ref - logp
+            delta = batch["old_logprobs"].double() - logp
+            kl = (delta.exp() - delta - 1.0).clamp(-10.0, 10.0)
+        per_token = -logp.detach().exp() * logp + loss.get("asft_kl_coef", 0.1) * kl
+        extra = {"kl": token_mean(kl).detach()}
+    else:  # EAFT: -sg((H_topk / log k) ** alpha) logp, H_topk of the k largest logits renormalised
+        k, alpha = loss.get("eaft_topk", 20), loss.get("eaft_alpha", 1.0)
+        top = torch.log_softmax(torch.sort(z.detach(), dim=-1, descending=True).values[..., :k], dim=-1)
+        gate = (-(top.exp() * top).sum(-1) / math.log(k)) ** alpha
+        per_token = -gate * logp
+        extra = {"eaft_weight": token_mean(gate)}
+    return dict(loss=token_mean(per_token), entropy=token_mean(entropy).detach(), **extra)
+
+
+def initial_outputs(model_cfg: ModelConfig, weights: Dict[str, torch.Tensor], batches):
+    """pi_old for the PSFT layouts (the reference for ASFT): log-probs of the labels ``[G, S]``
+    and the logits ``[G, S, V]`` under the initial weights, per batch."""
     reinitialize_model_parallel(ParallelConfig(), SEED)
     (model,) = build_gpt_chunks(model_cfg, model_cfg.to_transformer_config(ParallelConfig()), "cpu")
     model.load_state_dict(weights)
+    out = []
     with torch.no_grad():
-        return [
-            torch.log_softmax(model(b["tokens"], b["position_ids"], None).float(), -1)
-            .gather(-1, b["labels"].unsqueeze(-1)).squeeze(-1)
-            for b in batches
-        ]
+        for b in batches:
+            logits = model(b["tokens"], b["position_ids"], None).float()
+            out.append((torch.log_softmax(logits, -1).gather(-1, b["labels"].unsqueeze(-1)).squeeze(-1), logits))
+    return out
 
 
 # ----------------------------------------------------------------------------- layouts
@@ -344,7 +407,9 @@ def build_layout(layout: Layout, weights_dir: str):
 
 
 def metric_keys(loss: Optional[dict]) -> List[str]:
-    return ["loss"] if loss is None else ["loss", "entropy", "clip_frac"]
+    if loss is None:
+        return ["loss"]
+    return ["loss", "entropy", {"asft": "kl", "eaft": "eaft_weight"}.get(loss["kind"], "clip_frac")]
 
 
 def run_steps(tm, batches, steps, loss: Optional[dict] = None) -> Dict[str, List[float]]:
@@ -410,8 +475,8 @@ def main() -> None:
             (ref_model,) = build_gpt_chunks(model_cfg, model_cfg.to_transformer_config(ParallelConfig()), "cpu")
             weights = {k: v.clone() for k, v in ref_model.state_dict().items() if not k.endswith("_extra_state")}
             save_checkpoint(weights_dir, [ref_model])
-            old = old_logprobs_of(model_cfg, weights, batches)
-            model_batches = [dict(b, old_logprobs=lp) for b, lp in zip(batches, old)]
+            model_batches = [dict(b, old_logprobs=lp, ref_logits=logits)
+                             for b, (lp, logits) in zip(batches, initial_outputs(model_cfg, weights, batches))]
             prepared[model_name] = (weights_dir, weights, model_batches, {})
         weights_dir, weights, model_batches, references = prepared[model_name]
         key = json.dumps(loss, sort_keys=True)

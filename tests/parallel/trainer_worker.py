@@ -5,7 +5,8 @@
 
 All runs start from the same initial weights (saved once, loaded through
 ``model.restore_from_path``) and read the same global batches; their per-step losses must
-agree within 1e-5 (fp32). Also: K = 1 equals SFT, the SFT warm-up switches at step W, and
+agree within 1e-5 (fp32). Also: K = 1 equals SFT, the SFT warm-up switches at step W, ASFT and
+EAFT train at TP=2+PP=2 and TP=2+SP (fused) like at TP=1, and
 (at TP=2+PP=2 and CP=2) the old log-probs of batches 2..K of every window equal a fresh
 forward of the window-start weights through an independent copy of the model; with
 ``model.psft.freeze_old_policy`` (TP=2+SP) those of every batch equal the initial model's.
@@ -51,6 +52,16 @@ FUSED = {
 # SFT-KL (the reference pass through the pipeline): PP=2 and TP=2+PP=2 compared with TP=1
 SFT_KL = {f"sft_kl_{name}": LAYOUTS[name] + ["model.psft.loss=sft_kl", "model.psft.kl_coef=0.5"]
           for name in ("tp1", "pp2", "tp2_pp2")}
+# ASFT (the frozen reference's log-probs through the pipeline) and EAFT (its gate through the fused
+# output layer at TP=2+SP): 4 steps each, compared with TP=1 unfused
+NEW_KINDS = {
+    "asft_tp1": LAYOUTS["tp1"] + ["model.psft.loss=asft"],
+    "asft_tp2_pp2": LAYOUTS["tp2_pp2"] + ["model.psft.loss=asft"],
+    "eaft_tp1": LAYOUTS["tp1"] + ["model.psft.loss=eaft"],
+    "eaft_fused_tp2_sp": LAYOUTS["tp2_sp"] + ["model.psft.loss=eaft", "model.psft.fused_output_layer=true",
+                                              "model.psft.chunk_size=16"],
+}
+NEW_KINDS = {name: overrides + ["trainer.max_steps=4"] for name, overrides in NEW_KINDS.items()}
 # variants at TP=2+SP
 VARIANTS = {
     "k1": ["model.psft.old_policy_interval=1"],
@@ -170,8 +181,9 @@ def main() -> None:
     # small row chunks: several TP exchanges of statistics per micro-batch
     runs += [(n, o + ["model.psft.fused_output_layer=true", "model.psft.chunk_size=16"]) for n, o in FUSED.items()]
     runs += list(SFT_KL.items())
+    runs += list(NEW_KINDS.items())
     if args.only:
-        runs = [(name, overrides) for name, overrides in runs if name in args.only.split(",")]
+        runs = [run for run in runs if run[0] in args.only.split(",")]
     for name, overrides in runs:
         try:
             trainer = run(restore + overrides, workdir, name, CHECKING.get(name, Trainer))
