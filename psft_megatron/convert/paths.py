@@ -85,9 +85,9 @@ def checkpoint_to_export(path: str, log: Callable[[str], None], option: str = "-
             newest = manager.checkpoints()[-1]
             raise ConversionError(f"{option} {path}: a trainer's checkpoints/ directory without a 'latest' file (no "
                                   f"save completed); name one of its checkpoints, e.g. --ckpt {newest}")
-        log(f"note: {_without_resume_wording(why)}: exporting the newest intact checkpoint, {chosen}" if why
-            else f"using {chosen} (named by {os.path.join(path, 'latest')})")
-        path = chosen
+        log(f"note: {_without_resume_wording(why)}: exporting the newest intact checkpoint, {chosen.path}" if why
+            else f"using {chosen.path} (named by {os.path.join(path, 'latest')})")
+        return chosen.path  # checked whole by resume_point (sizes, checksums, common state)
     elif not os.path.isfile(os.path.join(path, "metadata.json")) and os.path.isdir(os.path.join(path, "checkpoints")):
         raise ConversionError(f"{option} {path} is a training run's directory; pass its checkpoints: "
                               f"{option} {os.path.join(path, 'checkpoints')}")

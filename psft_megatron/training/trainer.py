@@ -171,86 +171,120 @@ class Trainer:
         self.run_dir = None  # psft_megatron.checkpointing.run_dir.RunDir, once set-up decided it
         self.checkpoints: Optional[CheckpointManager] = None
         self.nothing_to_do: Optional[str] = None  # set when the resumed checkpoint is at or past max_steps
+        self.needs_ref = False  # the objective needs the frozen initial model's log-probs (SFT-KL, ASFT)
 
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:
-        from megatron.core import parallel_state
-
-        from psft_megatron.data import SFTDataset, build_tokenizer
-        from psft_megatron.losses import PSFTLoss
-        from psft_megatron.losses.objectives import OBJECTIVES
+        """Everything before the first step, in order: the config checks that need no process
+        group (:func:`psft_megatron.training.run_objects.preflight`), megatron's process groups,
+        the run directory and resume point (rank 0 decides), the tokenizer and model config with
+        what the objective requires, the data, the model and optimizer, then the objective's
+        objects and the resume itself. Sets ``nothing_to_do`` (and stops) when the resumed
+        checkpoint is already at ``trainer.max_steps``."""
         from psft_megatron.distributed.runtime import ParallelConfig, initialize
         from psft_megatron.training import run_objects
-        from psft_megatron.training.metrics_log import MetricsLogger
-        from psft_megatron.training.setup import setup_model_and_optimizer
 
         cfg, m = self.cfg, self.cfg.model
         world = int(os.environ.get("WORLD_SIZE", "1"))
         rank0 = int(os.environ.get("RANK", "0")) == 0
         pre = run_objects.preflight(cfg, world, announce=rank0)  # everything before distributed work
         self.restored, self.data = pre.restored, pre.data
-        tok_cfg, train_cfg, val_cfg = self.data.tokenizer, self.data.train, self.data.validation
         self.parallel = ParallelConfig.from_section(m, warn=(lambda line: print(line, flush=True)) if rank0 else None)
         self.info = initialize(self.parallel, seed=m.seed)
         self.is_rank0 = self.info.rank == 0
         resume = self._open_run()  # the run directory and the resume point, decided by rank 0
         if self.nothing_to_do:
             return
+        needs_frozen = self._setup_model_config(pre.loss)
+        self.restore_info = self._check_restore(resuming=resume is not None, needs_frozen=needs_frozen)
+        self._setup_data()
+        self._setup_model(pre, resume)
+        self._setup_objective(pre, resume, needs_frozen)
+        if resume:
+            self._resume(resume)
+        self._open_logs(resume)
 
+    def _setup_model_config(self, loss_config) -> bool:
+        """The tokenizer, the model config (its vocabulary checked against the tokenizer's) and
+        what the objective requires of them: ``needs_ref`` (the frozen initial model's log-probs:
+        SFT-KL, ASFT), EAFT's k within the vocabulary. Returns whether a frozen copy of the
+        initial weights is needed (the reference, or a frozen pi_old)."""
+        from psft_megatron.data import build_tokenizer
+        from psft_megatron.losses.objectives import OBJECTIVES
+
+        m, tok_cfg = self.cfg.model, self.data.tokenizer
         self.tokenizer = build_tokenizer(tok_cfg)
-        self.model_cfg = model_config(m.architecture, self.tokenizer.vocab_size, str(cfg.trainer.precision))
+        self.model_cfg = model_config(m.architecture, self.tokenizer.vocab_size, str(self.cfg.trainer.precision))
         if self.model_cfg.vocab_size < self.tokenizer.vocab_size:
             raise ConfigError(f"model.vocab_size={self.model_cfg.vocab_size} is smaller than the tokenizer's "
                               f"{self.tokenizer.vocab_size} ({tok_cfg.model or tok_cfg.type})")
         psft = m.psft
-        required = OBJECTIVES[psft.loss].requires(pre.loss)
+        required = OBJECTIVES[psft.loss].requires(loss_config)
         vocab = self.model_cfg.padded_vocab_size(self.parallel.tensor_model_parallel_size)
         if "topk_entropy" in required and psft.eaft_topk > vocab:
             raise ConfigError(f"model.psft.eaft_topk={psft.eaft_topk} exceeds the model's vocabulary ({vocab} entries)")
-        self.needs_ref = "ref" in required  # reference log-probs of the frozen initial model (SFT-KL, ASFT)
-        # A frozen copy of the initial weights: the reference, or pi_old when frozen.
-        needs_frozen = self.needs_ref or (psft.loss == "psft" and psft.freeze_old_policy)
-        self.restore_info = self._check_restore(resuming=resume is not None, needs_frozen=needs_frozen)
+        self.needs_ref = "ref" in required
+        return self.needs_ref or (psft.loss == "psft" and psft.freeze_old_policy)
 
-        tp, cp, sp = self.parallel.tensor_model_parallel_size, self.parallel.context_parallel_size, \
-            self.parallel.sequence_parallel
+    def _setup_data(self) -> None:
+        """The training and validation sets (laid out for TP/CP/SP and FP8's alignment), the
+        micro-batch size (1 packed row when packing), the DP-sharded samplers and the padding
+        rule: under PP every micro-batch is padded to the full row length (fixed-shape
+        activations), otherwise to its longest sample."""
+        from megatron.core import parallel_state
+
+        from psft_megatron.data import SFTDataset
+
+        m, tok_cfg = self.cfg.model, self.data.tokenizer
+        p = self.parallel
         self.fp8 = fp8_config(m)
-        layout = dict(tp=tp, cp=cp, sequence_parallel=sp, align=self.fp8.align_size)
-        self.train_set = SFTDataset.build(train_cfg, self.tokenizer, tok_cfg, **layout)
-        self.val_set = (SFTDataset.build(val_cfg, self.tokenizer, tok_cfg, **layout)
-                        if val_cfg else None)
+        layout = dict(tp=p.tensor_model_parallel_size, cp=p.context_parallel_size, sequence_parallel=p.sequence_parallel,
+                      align=self.fp8.align_size)
+        self.train_set = SFTDataset.build(self.data.train, self.tokenizer, tok_cfg, **layout)
+        self.val_set = (SFTDataset.build(self.data.validation, self.tokenizer, tok_cfg, **layout)
+                        if self.data.validation else None)
         self.micro_batch_size = self.train_set.micro_batch_size(m.micro_batch_size)
         if self.micro_batch_size != m.micro_batch_size and self.is_rank0:
             print(f"packing: micro-batches hold one packed row (model.micro_batch_size={m.micro_batch_size} "
                   "ignored); model.global_batch_size counts packed rows", flush=True)
-        # the data order, and the sizes checked before the first step
         dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
         self.sampler = self.data.train_sampler(self.train_set, self.micro_batch_size, dp_rank, dp_size)
         self.val_sampler = self.data.validation_sampler(self.val_set, dp_rank, dp_size)
-        # Pipeline parallelism sends fixed-shape activations: every micro-batch is padded to the
-        # full row length. Without PP, micro-batches are padded to their longest sample.
         self.row_length = self.train_set.row_length
-        self.pad_to = self.row_length if self.parallel.pipeline_model_parallel_size > 1 else None
+        self.pad_to = self.row_length if p.pipeline_model_parallel_size > 1 else None
 
-        optim = m.optim
+    def _setup_model(self, pre, resume) -> None:
+        """The model chunks, DDP, optimizer and lr schedule (``self.tm``); a new run reads
+        ``model.restore_from_path`` into them, a resume leaves that to its checkpoint."""
+        from psft_megatron.training.setup import setup_model_and_optimizer
+
+        m = self.cfg.model
+        restoring = bool(m.restore_from_path) and resume is None
         if self.is_rank0:
             c = self.model_cfg
             experts = (f", {c.num_experts} experts top-{c.moe_router_topk} in "
                        f"{sum(c.moe_layer_pattern())} MoE layers" if c.is_moe else "")
-            restoring = m.restore_from_path and resume is None
             print(f"building the model: {c.num_layers} layers, hidden {c.hidden_size}, vocab {c.vocab_size}{experts} "
                   f"({c.params_dtype}) at {self.parallel.describe()} on {self.info.world_size} process(es)"
                   + (f"; then restoring its weights from {m.restore_from_path}" if restoring else ""), flush=True)
         self.tm = setup_model_and_optimizer(
             self.model_cfg, self.parallel, pre.optimizer, schedule=pre.schedule, layer_spec=pre.layer_spec,
-            use_distributed_optimizer=optim.use_distributed_optimizer,
-            overlap_grad_reduce=optim.overlap_grad_reduce, after_build=None if resume else self._load_initial_weights,
+            use_distributed_optimizer=m.optim.use_distributed_optimizer,
+            overlap_grad_reduce=m.optim.overlap_grad_reduce, after_build=None if resume else self._load_initial_weights,
             fp8=self.fp8)
         if self.is_rank0:
-            if m.restore_from_path and resume is None:
+            if restoring:
                 print(describe_restore(m.restore_from_path, self.restored, dataclasses.asdict(self.model_cfg)), flush=True)
             print(f"model: layer spec {self.tm.layer_spec}, FP8 {self.fp8.describe()}", flush=True)
 
+    def _setup_objective(self, pre, resume, needs_frozen: bool) -> None:
+        """The run's loss and the SFT loss (warm-up, validation), the frozen copy of the initial
+        weights when needed, the MoE metrics, the parameter counts for MFU."""
+        from megatron.core import parallel_state
+
+        from psft_megatron.losses import PSFTLoss
+
+        psft = self.cfg.model.psft
         self.loss, self.sft_loss = PSFTLoss(pre.loss), PSFTLoss(pre.sft_loss)
         if psft.loss == "psft" and psft.old_policy_interval == 1 and not psft.freeze_old_policy and self.is_rank0:
             print("WARNING: model.psft.old_policy_interval=1: the ratio is always 1 and PSFT equals SFT", flush=True)
@@ -264,8 +298,12 @@ class Trainer:
         self.parameters = self._count_parameters()
         self.num_parameters = self.parameters.total
         self.sampler_state = self.sampler.state_dict()
-        if resume:
-            self._resume(resume)
+
+    def _open_logs(self, resume) -> None:
+        """metrics.jsonl / TensorBoard / wandb (rank 0), config_resolved.json, and the data report."""
+        from psft_megatron.training.metrics_log import MetricsLogger
+
+        cfg = self.cfg
         self.metrics_log = MetricsLogger(
             self.log_dir, cfg.trainer.max_steps, enabled=self.is_rank0,
             tensorboard=cfg.exp_manager.create_tensorboard_logger,
@@ -433,9 +471,7 @@ class Trainer:
 
         Returns the last step's metrics. Sets ``self.preempted`` when stopped by a signal.
         """
-        from psft_megatron.training.forward import attach_logprobs, make_train_forward_step
-        from psft_megatron.training.step import train_step
-        from psft_megatron.training.throughput import start_timer
+        from psft_megatron.training.forward import make_train_forward_step
 
         cfg = self.cfg
         forward_steps = {"psft": make_train_forward_step(self.loss), "sft": make_train_forward_step(self.sft_loss)}
@@ -447,35 +483,7 @@ class Trainer:
             while self.step < max_steps:
                 if not self.pending:
                     self._start_window(batches)
-                micros, sampler_state = self.pending.pop(0)
-                forward_only = self.forward_only.pop(id(micros), None)  # its old-policy pass
-                if self.needs_ref:
-                    forward_only = start_timer()
-                    attach_logprobs(self.frozen, micros, self.loss, "ref_logprobs", seq_length=self._seq_length(micros))
-                    forward_only.stop()
-                lr = self.tm.optimizer.param_groups[0]["lr"]  # what this step's update uses
-                step_timer = start_timer()  # CUDA events on a GPU: the GPU's time, not the launches'
-                result = train_step(forward_steps[self.window_mode], [iter(micros) for _ in self.tm.chunks],
-                                    self.tm.chunks, self.tm.optimizer, self.tm.scheduler,
-                                    num_microbatches=len(micros), seq_length=self._seq_length(micros),
-                                    micro_batch_size=int(micros[0]["tokens"].shape[0]))
-                step_timer.stop()
-                self.step += 1
-                self.sampler_state = sampler_state
-                last = self._share(self._with_positions(result.metrics, micros), STEP_KEYS + ("num_positions",))
-                last.update(lr=lr, phase=0.0 if self.window_mode == "sft" else 1.0,
-                            epoch=_epochs(sampler_state))
-                last.update(self._throughput(step_timer, forward_only, last.get("num_positions", 0.0)))
-                if self.moe_metrics is not None:
-                    last.update(self.moe_metrics.step_metrics(len(micros)))
-                if result.grad_norm is not None:
-                    last["grad_norm"] = result.grad_norm
-                fault = self._count_skip(result, last)
-                self.history.append(dict(last, step=self.step))
-                if self.step % cfg.trainer.log_every_n_steps == 0 or self.step == max_steps or fault:
-                    self.metrics_log.log(self.step, last)
-                if fault:
-                    raise NonFiniteTrainingError(fault)
+                last = self._train_step(forward_steps[self.window_mode])
                 if cfg.trainer.val_check_interval and self.step % cfg.trainer.val_check_interval == 0:
                     self.validate()
                 every = cfg.exp_manager.checkpoint_callback_params.every_n_train_steps
@@ -488,6 +496,44 @@ class Trainer:
                         print(f"stopped by {signals.name} after step {self.step}: saved {path}; "
                               "rerun the same command to resume", flush=True)
                     break
+        return last
+
+    def _train_step(self, forward_step) -> Dict[str, float]:
+        """One optimizer step on the next batch of the open window (its reference pass first
+        when the objective needs one), its metrics shared to rank 0, logged and returned;
+        a step past the non-finite limit raises :class:`NonFiniteTrainingError`."""
+        from psft_megatron.training.forward import attach_logprobs
+        from psft_megatron.training.step import train_step
+        from psft_megatron.training.throughput import start_timer
+
+        micros, sampler_state = self.pending.pop(0)
+        forward_only = self.forward_only.pop(id(micros), None)  # its old-policy pass
+        if self.needs_ref:
+            forward_only = start_timer()
+            attach_logprobs(self.frozen, micros, self.loss, "ref_logprobs", seq_length=self._seq_length(micros))
+            forward_only.stop()
+        lr = self.tm.optimizer.param_groups[0]["lr"]  # what this step's update uses
+        step_timer = start_timer()  # CUDA events on a GPU: the GPU's time, not the launches'
+        result = train_step(forward_step, [iter(micros) for _ in self.tm.chunks],
+                            self.tm.chunks, self.tm.optimizer, self.tm.scheduler,
+                            num_microbatches=len(micros), seq_length=self._seq_length(micros),
+                            micro_batch_size=int(micros[0]["tokens"].shape[0]))
+        step_timer.stop()
+        self.step += 1
+        self.sampler_state = sampler_state
+        last = self._share(self._with_positions(result.metrics, micros), STEP_KEYS + ("num_positions",))
+        last.update(lr=lr, phase=0.0 if self.window_mode == "sft" else 1.0, epoch=_epochs(sampler_state))
+        last.update(self._throughput(step_timer, forward_only, last.get("num_positions", 0.0)))
+        if self.moe_metrics is not None:
+            last.update(self.moe_metrics.step_metrics(len(micros)))
+        if result.grad_norm is not None:
+            last["grad_norm"] = result.grad_norm
+        fault = self._count_skip(result, last)
+        self.history.append(dict(last, step=self.step))
+        if self.step % self.cfg.trainer.log_every_n_steps == 0 or self.step == self.cfg.trainer.max_steps or fault:
+            self.metrics_log.log(self.step, last)
+        if fault:
+            raise NonFiniteTrainingError(fault)
         return last
 
     def _start_window(self, batches) -> None:
