@@ -97,7 +97,7 @@ class PSFTSection:
     """``model.psft``: the objective and the old policy (see docs/logprobs.md)."""
 
     loss: str = "psft"  # psft | sft | dft | sft_kl | asft | eaft
-    clip_eps_low: float = 0.2
+    clip_eps_low: float = 0.2  # no effect with advantage 1 (the ratio is never clipped from below): PPO form only
     clip_eps_high: float = 0.28
     kl_coef: float = 0.5  # SFT-KL's KL coefficient
     kl_estimator: str = "k3"  # k1 | k3 | full (the KL term of sft_kl and asft)

@@ -80,11 +80,11 @@ def checkpoint_to_export(path: str, log: Callable[[str], None], option: str = "-
     manager = CheckpointManager(path)
     if not os.path.isfile(os.path.join(path, "metadata.json")) and (
             os.path.exists(os.path.join(path, "latest")) or manager.checkpoints()):
-        chosen, why = manager.resume_point(fallback=True)
-        if chosen is None:
+        if not os.path.exists(os.path.join(path, "latest")):
             newest = manager.checkpoints()[-1]
             raise ConversionError(f"{option} {path}: a trainer's checkpoints/ directory without a 'latest' file (no "
                                   f"save completed); name one of its checkpoints, e.g. --ckpt {newest}")
+        chosen, why = manager.resume_point(fallback=True)
         log(f"note: {_without_resume_wording(why)}: exporting the newest intact checkpoint, {chosen.path}" if why
             else f"using {chosen.path} (named by {os.path.join(path, 'latest')})")
         return chosen.path  # checked whole by resume_point (sizes, checksums, common state)
