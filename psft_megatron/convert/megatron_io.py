@@ -330,7 +330,7 @@ class CheckpointReader:
 
         problem = damaged(ckpt_dir, verify_data=True)  # sizes, and one streaming pass over the checksums
         if problem:
-            raise ConversionError(f"damaged checkpoint: {problem}")
+            raise CheckpointError(problem)  # names the file, like a damaged resume
         self.cfg, self.dir = cfg, ckpt_dir
         self.sharded = meta_sharded_state_dict(cfg, any_world=True)
         self.full_metadata = dcp.FileSystemReader(ckpt_dir).read_metadata()
