@@ -55,9 +55,12 @@ def accepted(request, tmp_path_factory):
     """An HF tokenizer the memo accepts: the bundled byte-level one (GPT-2's expression) or it
     re-cut by a known Split expression."""
     if request.param == "gpt2":
-        return HFTokenizer(HF_TOKENIZER)
-    edit = split_then_bytes(SPLIT_PATTERNS[["llama3", "qwen2", "qwen3.5"].index(request.param)])
-    return HFTokenizer(with_pre_tokenizer(tmp_path_factory.mktemp(request.param), "tok", edit))
+        tok = HFTokenizer(HF_TOKENIZER)
+    else:
+        edit = split_then_bytes(SPLIT_PATTERNS[["llama3", "qwen2", "qwen3.5"].index(request.param)])
+        tok = HFTokenizer(with_pre_tokenizer(tmp_path_factory.mktemp(request.param), "tok", edit))
+    tok.pieces.max_new_share = 1.0  # random text is mostly new words: use the memo all the same
+    return tok
 
 
 def test_split_pieces_cuts_only_before_space_letter_after_ascii():
@@ -77,7 +80,17 @@ def test_texts_encode_as_the_tokenizer_does(accepted):
     for _ in range(12):
         texts = [random_text(rng) for _ in range(40)] + ["", " ", "a", " b", "\n"]
         assert tok.encode_batch(texts) == tok._encode_whole(texts)
-    assert tok.pieces.hits > 0 and tok.pieces.misses > 0
+    assert tok.pieces.hits > 0 and tok.pieces.misses > 0 and tok.pieces.whole_batches == 0
+
+
+def test_batches_of_mostly_new_words_are_encoded_whole():
+    tok = HFTokenizer(HF_TOKENIZER)
+    texts = [f"alpha{i} beta{i}, gamma{i}" for i in range(40)]
+    assert tok.encode_batch(texts) == tok._encode_whole(texts)
+    assert tok.pieces.whole_batches == 1 and tok.pieces.hits == 0 and not tok.pieces.memo
+    again = ["the cat" + " the cat" * 9]  # 20 pieces, 3 of them distinct
+    assert tok.encode_batch(again) == tok._encode_whole(again)
+    assert tok.pieces.whole_batches == 1 and tok.pieces.hits == 17 and len(tok.pieces.memo) == 3
 
 
 def records(rng: random.Random, n: int):
@@ -118,6 +131,7 @@ def formatted(fmt, recs, fast: bool, template: bool = False):
             tok.__dict__.pop(name, None)
         if tok.pieces is None and tok.pieces_off is None:
             tok.pieces = PieceCache(tok._encode_whole, tok._encode_offsets)
+            tok.pieces.max_new_share = 1.0
 
 
 def assert_same(a, b):
@@ -191,6 +205,7 @@ def test_refusal_is_needed_and_the_comparison_sees_it(tmp_path):
     differ: the identity tests above can fail."""
     tok = HFTokenizer(with_pre_tokenizer(tmp_path, "tok", _prepend))
     forced = PieceCache(tok._encode_whole, tok._encode_offsets)
+    forced.max_new_share = 1.0
     texts = ["Hello there, said the cat."]
     assert forced.encode_batch(texts) != tok._encode_whole(texts)
     assert HFTokenizer(HF_TOKENIZER, piece_cache=False).pieces_off == "turned off"

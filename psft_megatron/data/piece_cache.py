@@ -58,6 +58,10 @@ SPLIT_PATTERNS = (
 MAX_ENTRIES = 1 << 16
 #: longer pieces are encoded but not remembered (they rarely come back)
 MAX_PIECE_CHARS = 48
+#: a batch with more new pieces than this share of its pieces is encoded whole: a new piece
+#: costs about twice its share of a whole-text encode, so text that rarely repeats its words
+#: (random ids, hashes, unfamiliar scripts) is not made slower than the tokenizer alone
+MAX_NEW_SHARE = 0.4
 
 
 def split_pieces(text: str) -> List[str]:
@@ -113,15 +117,17 @@ class PieceCache:
     """``encode_batch(texts)`` through a memo of pieces; ``encode_whole(texts) -> ids lists`` is
     the tokenizer's own batched call (no special tokens added), used for the pieces not seen yet.
 
-    ``hits`` / ``misses`` count piece look-ups (for benchmarks)."""
+    ``hits`` / ``misses`` count piece look-ups, ``whole_batches`` the batches encoded whole
+    because most of their pieces were new (for benchmarks)."""
 
     def __init__(self, encode_whole: Callable[[List[str]], List[List[int]]],
                  encode_offsets: Callable[[List[str]], List[Tuple[List[int], List[Tuple[int, int]]]]],
                  max_entries: int = MAX_ENTRIES, max_piece_chars: int = MAX_PIECE_CHARS):
         self.encode_whole, self.encode_offsets = encode_whole, encode_offsets
         self.max_entries, self.max_piece_chars = max_entries, max_piece_chars
+        self.max_new_share = MAX_NEW_SHARE
         self.memo: Dict[str, List[int]] = {}
-        self.hits = self.misses = 0
+        self.hits = self.misses = self.whole_batches = 0
 
     def encode_batch(self, texts: Sequence[str]) -> List[List[int]]:
         """Token ids of each text, as ``encode_whole(texts)`` would give them."""
@@ -130,12 +136,17 @@ class PieceCache:
             memo.clear()
         split = [_PIECE.findall(t) for t in texts]
         new = set(chain.from_iterable(split)).difference(memo)
+        n_pieces = sum(map(len, split))
+        if len(new) > self.max_new_share * n_pieces:  # mostly new words: the memo would cost more than it saves
+            self.misses += len(new)
+            self.whole_batches += 1
+            return self.encode_whole(list(texts))
         if new:
             memo.update(self._encode_new(new))
             self.misses += len(new)
         pick = memo.__getitem__
         out = [list(chain.from_iterable(map(pick, pieces))) for pieces in split]
-        self.hits += sum(map(len, split)) - len(new)
+        self.hits += n_pieces - len(new)
         for p in new:  # long pieces rarely come back
             if len(p) > self.max_piece_chars:
                 del memo[p]
