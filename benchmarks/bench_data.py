@@ -167,7 +167,7 @@ def main(argv=None) -> None:
             row["cold"]["digest"] = measure(src, "digest", data, cache, args)["digest"]
             subprocess.run(["rm", "-rf", cache], check=True)
             rows.append(row)
-            print(table([row]).splitlines()[-1], row["cold"]["digest"], flush=True)
+            print(table([row]).splitlines()[-1], flush=True)
     common.finish(rows, table(rows), args.json, started)
 
 
