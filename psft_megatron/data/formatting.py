@@ -24,7 +24,7 @@ Rules:
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -36,6 +36,10 @@ from psft_megatron.data.tokenizers import Tokenizer
 # a segment: (text or None, fixed ids or None, kind) with kind 0 = context, 1 = trained response
 Segment = Tuple[Optional[str], Optional[List[int]], int]
 CONTEXT, RESPONSE = 0, 1
+# a chat render: (number of leading messages, with the generation prompt)
+RenderKey = Tuple[int, bool]
+# a conversation's renders, or the error its template raised
+Renders = Union[Dict[RenderKey, str], DataError]
 
 
 def _render_empty(render) -> str:
@@ -60,6 +64,7 @@ class SampleFormatter:
         self.bos = [tokenizer.bos_id] if (add_bos and not self.use_chat and tokenizer.bos_id is not None) else []
         self.eot_id = self._end_of_turn_id()
         self.stats = {"end_of_turn_appended": 0}
+        self._empty: Optional[str] = None  # _empty_render's text, once known
 
     # ------------------------------------------------------------------ end of turn
     def _end_of_turn_id(self) -> int:
@@ -88,21 +93,70 @@ class SampleFormatter:
             )
         return self.tok.eos_id
 
+    # ------------------------------------------------------------------ chat rendering
+    @staticmethod
+    def _renders_needed(conv: Conversation) -> List[RenderKey]:
+        """The prefixes of ``conv`` that :meth:`_chat_segments` reads: ``(k, generation prompt)``
+        = ``render(messages[:k], add_generation_prompt)``."""
+        keys: List[RenderKey] = []
+        for i, trained in enumerate(conv.trained):
+            if trained:
+                keys += [(i, True), (i + 1, False)] if i > 0 else [(i + 1, False)]
+        if not conv.trained[-1]:
+            keys.append((len(conv.messages), False))
+        return keys
+
+    def _empty_render(self) -> str:
+        """The template's render of no messages with the generation prompt ("" if it fails), once."""
+        if self._empty is None:
+            self._empty = _render_empty(self.tok.render_chat)
+        return self._empty
+
+    def _render_one(self, messages: List[dict], generation: bool, loc: Location) -> str:
+        try:
+            return self.tok.render_chat(messages, add_generation_prompt=generation)
+        except Exception as exc:  # noqa: BLE001 - the template's raise_exception, a missing key...
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise DataError(f"the chat template fails on this record: {first}", loc) from None
+
+    def render_batch(self, convs: Sequence[Conversation], locs: Sequence[Location]) -> List[Renders]:
+        """Every prefix that :meth:`_renders_needed` lists, for many conversations: one batched
+        template call per generation-prompt setting. If the template fails, the conversations
+        are rendered one by one and a failing one gets its :class:`DataError` in place of its
+        renders (raised by :meth:`segments`, so the first bad record in order is the one reported)."""
+        out: List[Renders] = [{} for _ in convs]
+        try:
+            for generation in (False, True):
+                wanted = [(c, k) for c, conv in enumerate(convs) for k, g in self._renders_needed(conv) if g == generation]
+                batch = [convs[c].messages[:k] for c, k in wanted]
+                texts = self.tok.render_chats(batch, add_generation_prompt=generation) if batch else []
+                for (c, k), text in zip(wanted, texts):
+                    out[c][(k, generation)] = text
+        except Exception:  # noqa: BLE001 - find the records
+            out = [self._render_each(conv, loc) for conv, loc in zip(convs, locs)]
+        return out
+
+    def _render_each(self, conv: Conversation, loc: Location) -> Renders:
+        try:
+            return {(k, g): self._render_one(conv.messages[:k], g, loc) for k, g in self._renders_needed(conv)}
+        except DataError as exc:
+            return exc
+
     # ------------------------------------------------------------------ segments
-    def _chat_segments(self, conv: Conversation, loc: Location) -> List[Segment]:
-        render = self.tok.render_chat
+    def _chat_segments(self, conv: Conversation, loc: Location, rendered: Renders) -> List[Segment]:
+        if isinstance(rendered, DataError):
+            raise rendered
         segs: List[Segment] = []
         done = ""  # text already assigned to segments
         msgs = conv.messages
-        last_trained = max(i for i, t in enumerate(conv.trained) if t)
         for i, trained in enumerate(conv.trained):
             if not trained:
                 continue
-            upto = render(msgs[: i + 1])
+            upto = rendered[(i + 1, False)]
             if i > 0:
-                head = render(msgs[:i], add_generation_prompt=True)
+                head = rendered[(i, True)]
             else:  # a conversation that opens with an assistant turn: its header is context too
-                head = _render_empty(render)
+                head = self._empty_render()
                 at = upto.rfind(msgs[0]["content"])
                 if at > len(head):
                     head = upto[:at]
@@ -114,8 +168,8 @@ class SampleFormatter:
                 segs.append((head[len(done):], None, CONTEXT))
             segs.append((upto[len(head):], None, RESPONSE))
             done = upto
-        if last_trained < len(msgs) - 1:
-            full = render(msgs)
+        if not conv.trained[-1]:
+            full = rendered[(len(msgs), False)]
             if not full.startswith(done):
                 raise DataError("the chat template is not prefix-stable (it rewrites earlier turns)", loc)
             segs.append((full[len(done):], None, CONTEXT))
@@ -148,8 +202,13 @@ class SampleFormatter:
             segs.append((pending, None, CONTEXT))
         return segs
 
-    def segments(self, conv: Conversation, loc: Location) -> List[Segment]:
-        return self._chat_segments(conv, loc) if self.use_chat else self._plain_segments(conv)
+    def segments(self, conv: Conversation, loc: Location,
+                 rendered: Optional[Renders] = None) -> List[Segment]:
+        """The pieces of one sample; ``rendered``: its chat renders from :meth:`render_batch`
+        (None: rendered here)."""
+        if not self.use_chat:
+            return self._plain_segments(conv)
+        return self._chat_segments(conv, loc, rendered if rendered is not None else self.render_batch([conv], [loc])[0])
 
     # ------------------------------------------------------------------ ids + mask
     def _assemble(self, segs: Sequence[Segment], encoded: List[List[int]]) -> Tuple[np.ndarray, np.ndarray]:
@@ -180,7 +239,8 @@ class SampleFormatter:
 
     def format_batch(self, convs: Sequence[Conversation], locs: Sequence[Location]):
         """Many samples at once (one batched tokenizer call); list of (ids, mask)."""
-        all_segs = [self.segments(c, l) for c, l in zip(convs, locs)]
+        renders = self.render_batch(convs, locs) if self.use_chat else [None] * len(convs)
+        all_segs = [self.segments(c, l, r) for c, l, r in zip(convs, locs, renders)]
         texts = [t for segs in all_segs for t, fixed, _ in segs if fixed is None]
         enc_batch = getattr(self.tok, "encode_batch", None)
         encoded = enc_batch(texts) if (enc_batch and texts) else [self.tok.encode(t) for t in texts]

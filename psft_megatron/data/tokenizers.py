@@ -11,11 +11,12 @@ downloaded: HF tokenizers load with ``local_files_only=True``.
 from __future__ import annotations
 
 import os
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 from psft_megatron.data.config import TokenizerConfig
 from psft_megatron.data.errors import ConfigError
 from psft_megatron.data.fingerprint import HashMemo, hash_files
+from psft_megatron.data.piece_cache import PieceCache, piecewise_problem
 
 
 def _hash_paths(paths: Sequence[str], memo: Optional[HashMemo] = None) -> str:
@@ -50,6 +51,9 @@ class Tokenizer:
     def render_chat(self, messages: List[dict], add_generation_prompt: bool = False) -> str:
         raise ConfigError(f"model.tokenizer: the {self.library} tokenizer has no chat template")
 
+    def render_chats(self, conversations: List[List[dict]], add_generation_prompt: bool = False) -> List[str]:
+        return [self.render_chat(m, add_generation_prompt) for m in conversations]
+
     def fingerprint(self, memo: Optional[HashMemo] = None) -> str:
         """sha256 over the tokenizer's files (``memo``: remembered per-file hashes)."""
         raise NotImplementedError
@@ -60,7 +64,7 @@ class HFTokenizer(Tokenizer):
 
     library = "huggingface"
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, piece_cache: bool = True):
         if not os.path.isdir(path):
             raise ConfigError(f"model.tokenizer.model: {path!r} is not a directory (HF tokenizers load from a local dir)")
         from transformers import AutoTokenizer
@@ -78,15 +82,33 @@ class HFTokenizer(Tokenizer):
         self.sep_id = self.hf.sep_token_id
         self.vocab_size = len(self.hf)
         self.has_chat_template = bool(getattr(self.hf, "chat_template", None))
+        #: the word memo in front of encode_batch (None: every text goes to the tokenizer whole)
+        self.pieces: Optional[PieceCache] = None
+        #: why there is no word memo (None when there is one)
+        self.pieces_off: Optional[str] = "turned off"
+        backend = getattr(self.hf, "backend_tokenizer", None)
+        if piece_cache:
+            self.pieces_off = "not a fast tokenizer" if backend is None else piecewise_problem(backend)
+            if self.pieces_off is None:
+                self.pieces = PieceCache(self._encode_whole, self._encode_offsets)
 
     def encode(self, text: str) -> List[int]:
         return self.hf.encode(text, add_special_tokens=False)
 
     def encode_batch(self, texts: List[str]) -> List[List[int]]:
+        """Token ids of each text (no special tokens added), through the word memo where the
+        tokenizer allows it (:mod:`psft_megatron.data.piece_cache`): the same ids, cheaper."""
+        return self.pieces.encode_batch(texts) if self.pieces is not None else self._encode_whole(texts)
+
+    def _encode_whole(self, texts: List[str]) -> List[List[int]]:
         backend = getattr(self.hf, "backend_tokenizer", None)  # fast tokenizers: skip the Python wrapper
         if backend is not None:
             return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
         return self.hf(texts, add_special_tokens=False)["input_ids"]
+
+    def _encode_offsets(self, texts: List[str]) -> List[Tuple[List[int], List[Tuple[int, int]]]]:
+        """(ids, character offsets of each token) per text (fast tokenizers only)."""
+        return [(e.ids, e.offsets) for e in self.hf.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids):
         return self.hf.decode(list(ids))
@@ -103,6 +125,12 @@ class HFTokenizer(Tokenizer):
         if not self.has_chat_template:
             return super().render_chat(messages, add_generation_prompt)
         return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def render_chats(self, conversations: List[List[dict]], add_generation_prompt: bool = False) -> List[str]:
+        """:meth:`render_chat` of many conversations in one template call (the same texts)."""
+        if not self.has_chat_template:
+            return super().render_chats(conversations, add_generation_prompt)
+        return self.hf.apply_chat_template(conversations, tokenize=False, add_generation_prompt=add_generation_prompt)
 
     def fingerprint(self, memo: Optional[HashMemo] = None) -> str:
         files = [os.path.join(self.path, f) for f in os.listdir(self.path)
