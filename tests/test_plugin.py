@@ -322,10 +322,17 @@ _launch = {}
 
 
 def launched():
+    """The launch's results, run once: a failed launch fails every test that reads it, without
+    a relaunch per test."""
     if "r" not in _launch:
         from tests.parallel.launch import torchrun
 
-        _launch["r"] = torchrun("tests/parallel/plugin_worker.py", 2, [], timeout=900)
+        try:
+            _launch["r"] = torchrun("tests/parallel/plugin_worker.py", 2, [], timeout=900)
+        except AssertionError as exc:
+            _launch["r"] = exc
+    if isinstance(_launch["r"], AssertionError):
+        raise _launch["r"]
     return _launch["r"]
 
 

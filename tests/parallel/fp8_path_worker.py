@@ -322,10 +322,10 @@ def main() -> None:
     for name, check in checks.items():
         try:
             results[name] = check()
-        except Exception as exc:  # reported per check by the test
-            import traceback
+        except Exception as exc:  # reported per check by the test (several ranks: the job stops)
+            from tests.parallel.results import error_entry
 
-            results[name] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+            results[name] = error_entry(exc, name)
         torch.distributed.barrier()
     if torch.distributed.get_rank() == 0:
         with open(args.out, "w") as f:

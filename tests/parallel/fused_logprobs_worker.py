@@ -27,7 +27,6 @@ import shutil
 import sys
 import tempfile
 import time
-import traceback
 
 import torch
 import torch.distributed as dist
@@ -35,6 +34,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 from psft_megatron.ops import fused_linear_logprobs  # noqa: E402
+from tests.parallel.results import error_entry  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- part 1: the op
@@ -121,8 +121,8 @@ def op_cases(only=None):
                 "chunks": -(-int(n if mask is None else (mask != 0).sum()) // rows),
                 "dtype": str(dtype).replace("torch.", ""),
             }
-        except Exception as exc:  # reported per case
-            out[name] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+        except Exception as exc:  # reported per case (several ranks: the job stops, results.error_entry)
+            out[name] = error_entry(exc, name)
     return out
 
 
@@ -202,7 +202,7 @@ def _run_once(tm, micros, fused: bool, agg_mode: str, seq_len: int):
         inner = loss.loss_func(micro["labels"], micro["loss_mask"], old_logprobs=old, seq_ids=seq_ids)
 
         def loss_fn(output):
-            lp, ent = loss._logprobs_of(output, micro["labels"], tp_group=None, want_h=True)
+            lp, ent, _ = loss._logprobs_of(output, micro["labels"], tp_group=None, want_h=True)
             keep = micro["loss_mask"] != 0
             if seq_ids is not None:
                 keep = keep & (seq_ids >= 0)
@@ -310,7 +310,7 @@ def model_layouts(only=None):
             entry["seconds"] = round(time.time() - start, 2)
             out[name] = entry
         except Exception as exc:
-            out[name] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+            out[name] = error_entry(exc, name)
     dist.barrier()
     if rank == 0:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -76,15 +77,40 @@ def torchrun(script: str, nproc: int, args, timeout: int = 600, env: dict = None
         cmd = [python or sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                os.path.join(REPO, script), *args, "--out", out]
         with rank_slots(nproc):
-            proc = subprocess.run(cmd, cwd=REPO, env=worker_env(gpu, **(env or {})), capture_output=True, text=True,
-                                  timeout=hang_guard(timeout))
-        log = proc.stdout + proc.stderr
-        if proc.returncode != 0 or not os.path.exists(out):
-            raise AssertionError(f"{' '.join(cmd)} failed (exit {proc.returncode}):\n{log[-6000:]}")
+            returncode, log = run_job(cmd, hang_guard(timeout), env=worker_env(gpu, **(env or {})))
+        if returncode != 0 or not os.path.exists(out):
+            raise AssertionError(f"{' '.join(cmd)} failed (exit {returncode}):\n{log[-6000:]}")
         with open(out) as f:
             result = json.load(f)
         result["log"] = log
         return result
+
+
+def run_job(cmd, timeout: float, env: dict = None, cwd: str = REPO):
+    """Run ``cmd`` in its own session, its output (stdout and stderr) to a file; returns
+    ``(returncode, log)``, returncode None if it ran past ``timeout`` seconds.
+
+    When ``cmd`` ends (or times out), everything left in its session is killed. A rank that
+    dies without running its finalizers (``os._exit``, torchrun's SIGTERM to the other ranks)
+    leaves its children behind - megatron's checkpoint writer keeps a multiprocessing manager
+    process - and those would hold a captured pipe open, so that a failed launch waited for the
+    hang guard, and would hold rank slots for the jobs after it."""
+    with tempfile.TemporaryFile("w+") as log_file:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log_file, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        try:
+            returncode = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            returncode = None
+        finally:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log_file.seek(0)
+        log = log_file.read()
+    if returncode is None:
+        log += f"\n[hang guard] killed after {timeout:.0f} s"
+    return returncode, log
 
 
 def finish_worker() -> None:

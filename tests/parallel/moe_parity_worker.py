@@ -554,7 +554,7 @@ def run_layout(layout: Layout, weights_dir: str, batches, histories) -> dict:
         entry = {"metrics": got, "reference": want, "max_abs_diff": compare_histories(got, want)}
         del tm
     except Exception as exc:  # reported per layout; the test names the failure
-        entry = error_entry(exc)
+        entry = error_entry(exc, layout.name)
     entry.update(layout=layout.parallel.describe(), dispatcher=layout.dispatcher, distopt=layout.distopt,
                  loss=layout.loss["kind"], plant=layout.plant, seconds=round(time.time() - start, 2))
     gc.collect()
@@ -605,7 +605,7 @@ def run_checkpoint(saver: Layout, loaders: List[Layout], workdir: str, weights_d
                 del tm
                 gc.collect()
     except Exception as exc:
-        entry.update(error_entry(exc))
+        entry.update(error_entry(exc, "checkpoint"))
     entry["reference_continued"] = {k: v[STEPS : STEPS + CONTINUE] for k, v in want.items()
                                     if not k.startswith("eval_")}
     return entry

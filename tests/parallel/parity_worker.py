@@ -499,7 +499,7 @@ def main() -> None:
                 got[key].append(value)
             entry = {"metrics": got, "reference": want, "max_abs_diff": compare(got, want)}
         except Exception as exc:  # reported per layout; the test names the failure
-            entry = error_entry(exc)
+            entry = error_entry(exc, layout.name)
         entry.update(layout=layout.parallel.describe(), distopt=layout.distopt, plant=layout.plant,
                      seconds=round(time.time() - start, 2))
         results["layouts"][layout.name] = entry
@@ -528,7 +528,7 @@ def main() -> None:
                     entry[key] = {"metrics": got, "max_abs_diff": compare(got, continued),
                                   "iteration": common.get("iteration"), "layout": loader.parallel.describe()}
         except Exception as exc:
-            entry.update(error_entry(exc))
+            entry.update(error_entry(exc, name))
         results["checkpoints"][name] = entry
         if rank == 0:
             print(f"[ckpt] {name}: {json.dumps(dict(load_diffs(entry), error=entry.get('error')))}", flush=True)

@@ -21,7 +21,6 @@ import os
 import shutil
 import sys
 import tempfile
-import traceback
 
 import torch
 import torch.distributed as dist
@@ -32,6 +31,7 @@ sys.path.insert(0, os.path.join(REPO, "examples"))
 
 import plugin_bridge_forward_step as bridge_example  # noqa: E402
 import plugin_mcore_loop as loop  # noqa: E402
+from tests.parallel.results import error_entry  # noqa: E402
 
 STEPS = 5  # one window of K = 4 and the first step of the next
 BASE = ["trainer.max_steps=5", "trainer.val_check_interval=0", "trainer.progress_bar=false", "trainer.devices=null",
@@ -45,8 +45,8 @@ LAYOUTS = {"tp2": (2, 1, ["model.tensor_model_parallel_size=2", "model.sequence_
 def guarded(fn):
     try:
         return fn()
-    except Exception as exc:  # reported per part; the test names it
-        return {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+    except Exception as exc:  # reported per part; the test names it (several ranks: the job stops)
+        return error_entry(exc, getattr(fn, "__name__", "part"))
 
 
 def losses_of(history):

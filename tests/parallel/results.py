@@ -10,14 +10,36 @@ without optimizer state.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import sys
 
 
-def error_entry(exc: BaseException) -> dict:
-    """A failed layout or scenario as an entry: the test prints the error and the traceback."""
+def error_entry(exc: BaseException, case: str = "") -> dict:
+    """A failed layout or scenario as an entry: the test prints the error and the traceback.
+
+    With several ranks, an exception is rank-local as often as not (an unpacking error on the
+    last pipeline stage only): the other ranks wait in a collective for this one, and a worker
+    that went on to its next case would hang the launch until the test's hang guard (half an
+    hour) while every later test waits. So with several ranks the failing rank prints the case,
+    its rank and the traceback, and ends the job at once: torchrun stops the other ranks and
+    the test reports the log's tail. One process: the entry, and the worker goes on.
+    """
     import traceback
 
-    return {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+    entry = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+    abort_if_distributed(case, entry)
+    return entry
+
+
+def abort_if_distributed(case: str, entry: dict) -> None:
+    """End a multi-rank worker after a failed ``case`` (see error_entry): print it, exit 1."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        print(f"[rank {dist.get_rank()}] case {case or '?'} failed; stopping the job (the other ranks "
+              f"would wait for this one):\n{entry['error']}\n{entry['traceback']}", file=sys.stderr, flush=True)
+        os._exit(1)
 
 
 def load_diffs(entry: dict) -> dict:

@@ -190,10 +190,10 @@ def main() -> None:
             results[name] = {"history": trainer.history}
             if name in CHECKING:
                 results[name].update(trainer.check_result())
-        except Exception as exc:  # reported per run by the test
-            import traceback
+        except Exception as exc:  # reported per run by the test (several ranks: the job stops)
+            from tests.parallel.results import error_entry
 
-            results[name] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+            results[name] = error_entry(exc, name)
         if torch.distributed.get_rank() == 0:
             losses = [round(h["loss"], 6) for h in results[name].get("history", [])]
             print(f"[trainer] {name}: {losses or results[name].get('error')}", flush=True)

@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import sys
-import traceback
 
 import torch
 
@@ -30,6 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from psft_megatron.checkpointing.dist_checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from psft_megatron.compat.releases import megatron_version  # noqa: E402
 from psft_megatron.distributed.runtime import ParallelConfig, initialize  # noqa: E402
+from tests.parallel.results import error_entry  # noqa: E402
 from tests.parallel.parity_worker import (  # noqa: E402
     STEPS, Layout, P, build_layout, make_global_batches, run_steps,
 )
@@ -67,8 +67,8 @@ def load(ckpt_dir: str) -> dict:
                 losses = run_steps(tm, batches, range(STEPS, STEPS + 2))["loss"]
                 out[key] = {"layout": layout.parallel.describe(), "losses": losses,
                             "iteration": common.get("iteration"), "saved_by": common.get("megatron_core")}
-            except Exception as exc:
-                out[key] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+            except Exception as exc:  # several ranks: the job stops (results.error_entry)
+                out[key] = error_entry(exc, key)
     return out
 
 
