@@ -50,7 +50,7 @@ def check_fused_op(device, dtype, masked) -> dict:
     assert ROWS > 2 * rows and VOCAB > 2 * block and ROWS % rows and VOCAB % block, (rows, block)
     h, w, y, mask, g_lp = (None if t is None else t.to(device) for t in _inputs(dtype, masked))
     hx, wx = h.clone().requires_grad_(), w.clone().requires_grad_()
-    lp, ent = fused_linear_logprobs(hx, wx, y, mask=mask, return_entropy=True)
+    lp, ent = fused_linear_logprobs(hx, wx, y, mask=mask, return_entropy=True, rows_match_labels=True)
     (lp * g_lp).sum().backward()
     assert lp.dtype == ent.dtype == torch.float32 and hx.grad.dtype == wx.grad.dtype == dtype
     want = _plain(h, w, y, mask, g_lp, torch.float64)
