@@ -227,22 +227,10 @@ def test_all_rows_masked_and_validation():
 # --------------------------------------------------------------------------------------------
 # parallel layouts: ONE torchrun launch (4 processes) for the op and the model
 # --------------------------------------------------------------------------------------------
-_launch = {}
-
-
 def parallel_results() -> dict:
-    """The launch's results, run once: a failed launch fails every test that reads it, without
-    a relaunch per test."""
-    if "r" not in _launch:
-        from tests.parallel.launch import torchrun
+    from tests.parallel.launch import torchrun_once
 
-        try:
-            _launch["r"] = torchrun("tests/parallel/fused_logprobs_worker.py", 4, [])
-        except AssertionError as exc:
-            _launch["r"] = exc
-    if isinstance(_launch["r"], AssertionError):
-        raise _launch["r"]
-    return _launch["r"]
+    return torchrun_once("tests/parallel/fused_logprobs_worker.py", 4)
 
 
 def _op_case_names():

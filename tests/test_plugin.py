@@ -318,22 +318,10 @@ def test_out_dtype_fallback_only_for_an_unsupported_out_dtype(monkeypatch):
 
 
 # ----------------------------------------------------------------------------- one 2-process launch
-_launch = {}
-
-
 def launched():
-    """The launch's results, run once: a failed launch fails every test that reads it, without
-    a relaunch per test."""
-    if "r" not in _launch:
-        from tests.parallel.launch import torchrun
+    from tests.parallel.launch import torchrun_once
 
-        try:
-            _launch["r"] = torchrun("tests/parallel/plugin_worker.py", 2, [], timeout=900)
-        except AssertionError as exc:
-            _launch["r"] = exc
-    if isinstance(_launch["r"], AssertionError):
-        raise _launch["r"]
-    return _launch["r"]
+    return torchrun_once("tests/parallel/plugin_worker.py", 2, timeout=900)
 
 
 def part(name):

@@ -36,6 +36,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from psft_megatron.config import loader as config_loader  # noqa: E402
 from psft_megatron.training.trainer import Trainer  # noqa: E402
 from tests.parallel.launch import train_tiny  # noqa: E402
+from tests.parallel.results import error_entry  # noqa: E402
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 BASE = ["trainer.max_steps=5", "trainer.val_check_interval=0", "trainer.progress_bar=false",
@@ -323,8 +324,6 @@ def main() -> None:
         try:
             results[name] = check()
         except Exception as exc:  # reported per check by the test (several ranks: the job stops)
-            from tests.parallel.results import error_entry
-
             results[name] = error_entry(exc, name)
         torch.distributed.barrier()
     if torch.distributed.get_rank() == 0:

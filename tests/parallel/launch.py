@@ -86,6 +86,23 @@ def torchrun(script: str, nproc: int, args, timeout: int = 600, env: dict = None
         return result
 
 
+_LAUNCHED = {}
+
+
+def torchrun_once(script: str, nproc: int, args=(), **kwargs) -> dict:
+    """:func:`torchrun` run once per test session for the tests that share its results: a failed
+    launch fails every test that reads it, without a relaunch per test."""
+    key = (script, nproc, tuple(args))
+    if key not in _LAUNCHED:
+        try:
+            _LAUNCHED[key] = torchrun(script, nproc, list(args), **kwargs)
+        except AssertionError as exc:
+            _LAUNCHED[key] = exc
+    if isinstance(_LAUNCHED[key], AssertionError):
+        raise _LAUNCHED[key]
+    return _LAUNCHED[key]
+
+
 def run_job(cmd, timeout: float, env: dict = None, cwd: str = REPO):
     """Run ``cmd`` in its own session, its output (stdout and stderr) to a file; returns
     ``(returncode, log)``, returncode None if it ran past ``timeout`` seconds.

@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from psft_megatron.config import load_run_config  # noqa: E402
 from psft_megatron.training.trainer import Trainer  # noqa: E402
 from tests.parallel.launch import train_tiny  # noqa: E402
+from tests.parallel.results import error_entry  # noqa: E402
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 BASE = ["trainer.max_steps=8", "trainer.val_check_interval=0", "trainer.progress_bar=false",
@@ -191,8 +192,6 @@ def main() -> None:
             if name in CHECKING:
                 results[name].update(trainer.check_result())
         except Exception as exc:  # reported per run by the test (several ranks: the job stops)
-            from tests.parallel.results import error_entry
-
             results[name] = error_entry(exc, name)
         if torch.distributed.get_rank() == 0:
             losses = [round(h["loss"], 6) for h in results[name].get("history", [])]
