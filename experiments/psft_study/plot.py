@@ -8,7 +8,8 @@ from typing import Dict, List, Sequence, Tuple
 
 from PIL import Image, ImageDraw
 
-COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (23, 190, 207)]
+COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (23, 190, 207),
+           (140, 86, 75), (227, 119, 194)]
 W, H, MARGIN = 380, 260, 50
 
 TABLE_COLUMNS = [("indomain_acc", "acc (greedy)"), ("indomain_pass@8", "pass@8"), ("indomain_entropy", "entropy ID"),
@@ -34,7 +35,10 @@ def table(results: Dict[str, Dict[int, Dict]], k: int = 8) -> str:
 
 
 def _panel(draw: ImageDraw.ImageDraw, ox: int, oy: int, title: str,
-           series: Dict[str, List[Tuple[float, float]]], colours: Dict[str, Tuple[int, int, int]]) -> None:
+           series: Dict[str, List[Tuple[float, float]]], colours: Dict[str, Tuple[int, int, int]],
+           keep_order: bool = False, xlabel: str = "") -> None:
+    """One panel; ``series[name]`` points joined by a line in x order (or as given: ``keep_order``);
+    ``colours`` is keyed by series name."""
     draw.rectangle([ox, oy, ox + W - 1, oy + H - 1], outline=(200, 200, 200))
     draw.text((ox + MARGIN, oy + 8), title, fill=(0, 0, 0))
     pts = [p for s in series.values() for p in s if p[1] is not None and not math.isnan(p[1])]
@@ -56,9 +60,12 @@ def _panel(draw: ImageDraw.ImageDraw, ox: int, oy: int, title: str,
     for v in (y0, y1):
         draw.text((ox + 2, xy(x0, v)[1] - 6), f"{v:.3g}", fill=(0, 0, 0))
     for v in (x0, x1):
-        draw.text((xy(v, y0)[0] - 8, oy + H - MARGIN + 4), f"{v:g}", fill=(0, 0, 0))
+        draw.text((xy(v, y0)[0] - 8, oy + H - MARGIN + 4), f"{v:.3g}", fill=(0, 0, 0))
+    if xlabel:
+        draw.text((ox + W // 2 - 3 * len(xlabel), oy + H - MARGIN + 18), xlabel, fill=(0, 0, 0))
     for name, s in series.items():
-        s = sorted(p for p in s if p[1] is not None and not math.isnan(p[1]))
+        s = [p for p in s if p[1] is not None and not math.isnan(p[1])]
+        s = s if keep_order else sorted(s)
         c = colours[name]
         pix = [xy(x, y) for x, y in s]
         if len(pix) > 1:
@@ -88,6 +95,36 @@ def curves(results: Dict[str, Dict[int, Dict]], keys: Sequence[str], path: str, 
         d.rectangle([x, rows * H + 8, x + 12, rows * H + 18], fill=colours[m])
         d.text((x + 16, rows * H + 6), m, fill=(0, 0, 0))
         x += 30 + 7 * len(m)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    img.save(path)
+    return path
+
+
+def _legend(d: ImageDraw.ImageDraw, y: int, colours: Dict[str, Tuple[int, int, int]]) -> None:
+    x = 10
+    for m, c in colours.items():
+        d.rectangle([x, y + 8, x + 12, y + 18], fill=c)
+        d.text((x + 16, y + 6), m, fill=(0, 0, 0))
+        x += 30 + 7 * len(m)
+
+
+def runs_panels(panels: Sequence[Tuple[str, str, Dict[str, Tuple[str, List[Tuple[float, float]]]]]], path: str,
+                keep_order: bool = True) -> str:
+    """A row of panels ``(title, xlabel, {run: (method, points)})``; one line per run, coloured by method
+    (the seeds of a method share its colour)."""
+    methods: List[str] = []
+    for _, _, runs in panels:
+        for m, _ in runs.values():
+            if m not in methods:
+                methods.append(m)
+    colours = {m: COLOURS[i % len(COLOURS)] for i, m in enumerate(methods)}
+    legend_h = 24
+    img = Image.new("RGB", (len(panels) * W, H + legend_h), "white")
+    d = ImageDraw.Draw(img)
+    for i, (title, xlabel, runs) in enumerate(panels):
+        _panel(d, i * W, 0, title, {r: pts for r, (_, pts) in runs.items()},
+               {r: colours[m] for r, (m, _) in runs.items()}, keep_order=keep_order, xlabel=xlabel)
+    _legend(d, H, colours)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     img.save(path)
     return path

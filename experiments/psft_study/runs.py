@@ -26,6 +26,8 @@ METHODS: Dict[str, List[str]] = {
     "psft_frozen": ["model.psft.loss=psft", "model.psft.clip_eps_high=0.28", "model.psft.freeze_old_policy=true"],
     "dft": ["model.psft.loss=dft"],
     "sft_kl": ["model.psft.loss=sft_kl", "model.psft.kl_coef=0.5", "model.psft.kl_estimator=k3"],
+    "asft": ["model.psft.loss=asft", "model.psft.asft_kl_coef=0.1", "model.psft.kl_estimator=k3"],
+    "eaft": ["model.psft.loss=eaft", "model.psft.eaft_topk=20", "model.psft.eaft_alpha=1.0"],
 }
 
 
@@ -38,12 +40,15 @@ class TrainConfig:
     micro_batch: int = 4
     max_seq_length: int = 320
     seed: int = 1234
+    warmup_steps: int = 4
     nproc: int = 1
     threads: int = 2
 
 
 def train_command(method: str, *, ckpt: str, train_file: str, run_dir: str, cfg: TrainConfig,
-                  python: Optional[str] = None) -> List[str]:
+                  python: Optional[str] = None, seed: Optional[int] = None) -> List[str]:
+    """The torchrun command of one run; ``seed`` (default ``cfg.seed``) sets ``model.seed``, which
+    also seeds the data order."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
     return [python or sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(cfg.nproc),
@@ -57,7 +62,8 @@ def train_command(method: str, *, ckpt: str, train_file: str, run_dir: str, cfg:
             f"model.data.train_ds.file_names=[{os.path.abspath(train_file)}]",
             f"model.data.train_ds.max_seq_length={cfg.max_seq_length}",
             f"model.global_batch_size={cfg.global_batch}", f"model.micro_batch_size={cfg.micro_batch}",
-            f"model.seed={cfg.seed}", f"model.optim.lr={cfg.lr}"] + METHODS[method]
+            f"model.seed={cfg.seed if seed is None else seed}", f"model.optim.lr={cfg.lr}",
+            f"model.optim.sched.warmup_steps={cfg.warmup_steps}"] + METHODS[method]
 
 
 _STEP = re.compile(r"\[train\] step (\d+)/(\d+)")
@@ -93,6 +99,33 @@ def export_command(ckpt_dir: str, out_dir: str, python: Optional[str] = None) ->
             "--ckpt", ckpt_dir, "--out", out_dir]
 
 
+def export_checkpoints(pairs: List[tuple], log_path: str, python: Optional[str] = None) -> List[str]:
+    """Export several ``(megatron checkpoint, HF out_dir)`` pairs in one process (the imports are paid
+    once); each is written to ``out_dir.tmp`` and renamed."""
+    if not pairs:
+        return []
+    for _, out_dir in pairs:
+        shutil.rmtree(out_dir + ".tmp", ignore_errors=True)
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    args = [a for c, o in pairs for a in (c, o + ".tmp")]
+    with open(log_path, "a", encoding="utf-8") as log:
+        subprocess.run(["nice", "-n", "10", python or sys.executable, "-m", "experiments.psft_study.runs", "export",
+                        *args], cwd=REPO, env=env, check=True, stdout=log, stderr=subprocess.STDOUT)
+    for _, out_dir in pairs:
+        os.replace(out_dir + ".tmp", out_dir)
+    return [o for _, o in pairs]
+
+
+def _export_main(args: List[str]) -> int:
+    """``python -m experiments.psft_study.runs export CKPT OUT [CKPT OUT ...]``."""
+    from psft_megatron.convert import convert_megatron_to_hf
+    for ckpt, out in zip(args[0::2], args[1::2]):
+        t = time.time()
+        convert_megatron_to_hf(ckpt, out)
+        print(f"exported {ckpt} -> {out} in {time.time() - t:.1f} s", flush=True)
+    return 0
+
+
 def export_checkpoint(ckpt_dir: str, out_dir: str, log_path: str) -> str:
     """Export one megatron checkpoint to an HF directory (written to ``out_dir.tmp``, then renamed)."""
     tmp = out_dir + ".tmp"
@@ -103,3 +136,9 @@ def export_checkpoint(ckpt_dir: str, out_dir: str, log_path: str) -> str:
                        stdout=log, stderr=subprocess.STDOUT)
     os.replace(tmp, out_dir)
     return out_dir
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2 or sys.argv[1] != "export" or len(sys.argv) % 2:
+        sys.exit("usage: python -m experiments.psft_study.runs export CKPT OUT [CKPT OUT ...]")
+    sys.exit(_export_main(sys.argv[2:]))
