@@ -94,11 +94,6 @@ def checkpoint_steps(ckpt_root: str) -> List[int]:
     return sorted(int(m.group(1)) for m in (re.match(r"^iter_(\d{7,})$", d) for d in os.listdir(ckpt_root)) if m)
 
 
-def export_command(ckpt_dir: str, out_dir: str, python: Optional[str] = None) -> List[str]:
-    return [python or sys.executable, os.path.join(REPO, "tools", "convert_megatron_to_hf.py"),
-            "--ckpt", ckpt_dir, "--out", out_dir]
-
-
 def export_checkpoints(pairs: List[tuple], log_path: str, python: Optional[str] = None) -> List[str]:
     """Export several ``(megatron checkpoint, HF out_dir)`` pairs in one process (the imports are paid
     once); each is written to ``out_dir.tmp`` and renamed."""
@@ -124,18 +119,6 @@ def _export_main(args: List[str]) -> int:
         convert_megatron_to_hf(ckpt, out)
         print(f"exported {ckpt} -> {out} in {time.time() - t:.1f} s", flush=True)
     return 0
-
-
-def export_checkpoint(ckpt_dir: str, out_dir: str, log_path: str) -> str:
-    """Export one megatron checkpoint to an HF directory (written to ``out_dir.tmp``, then renamed)."""
-    tmp = out_dir + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    with open(log_path, "a", encoding="utf-8") as log:
-        subprocess.run(["nice", "-n", "10"] + export_command(ckpt_dir, tmp), cwd=REPO, env=env, check=True,
-                       stdout=log, stderr=subprocess.STDOUT)
-    os.replace(tmp, out_dir)
-    return out_dir
 
 
 if __name__ == "__main__":
