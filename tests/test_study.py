@@ -288,3 +288,20 @@ def test_train_command_per_method(tmp_path):
     os.makedirs(tmp_path / "iter_0000012")
     os.makedirs(tmp_path / ".tmp_iter_0000016")
     assert R.checkpoint_steps(str(tmp_path)) == [4, 12]
+
+
+def test_early_variant_is_the_full_study_first_epoch_at_denser_checkpoints():
+    """--early must train exactly what the full study trains for its first 12 steps (same data, seeds, lr,
+    warm-up, batch), so its steps 6 and 12 reproduce the full study's and its 2-step checkpoints refine the
+    full frontier's first interval."""
+    from dataclasses import asdict
+    from experiments.psft_study import driver as DR
+    full, early = asdict(DR.full_config()), asdict(DR.early_config())
+    assert DR.eval_steps(DR.early_config()) == [2, 4, 6, 8, 10, 12]
+    assert (early["train"]["steps"], early["train"]["save_every"]) == (12, 2)
+    assert early["methods"] == ["sft", "psft", "dft"] and early["seeds"] == full["seeds"]
+    assert early["train"]["steps"] <= full["train"]["steps"]
+    assert full["train"]["steps"] % early["train"]["save_every"] == 0 and 12 % full["train"]["save_every"] == 0
+    for d in (full, early):
+        d.pop("name"), d.pop("methods"), d["train"].pop("steps"), d["train"].pop("save_every")
+    assert early == full
