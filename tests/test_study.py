@@ -6,7 +6,6 @@ the table and the curves. No torchrun, no network: training and export are stubb
 import itertools
 import json
 import os
-import random
 import shutil
 
 import pytest
