@@ -377,7 +377,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     variant.add_argument("--quick", action="store_true", help="tiny sizes, every stage (< 15 min on 2 cores)")
     variant.add_argument("--early", action="store_true", help="the first 12 steps of SFT, PSFT (3 seeds) and DFT "
                          "with a checkpoint every 2 steps (~40 min on 2 cores)")
-    ap.add_argument("--out", default=None, help="output directory (default runs/study/full or runs/study/quick)")
+    ap.add_argument("--out", default=None, help="output directory (default runs/study/full, runs/study/quick or runs/study/early)")
     ap.add_argument("--methods", default=None, help="comma-separated methods (default: " + ",".join(STUDY_METHODS)
                     + "; known: " + ",".join(METHODS) + ")")
     ap.add_argument("--list", action="store_true", help="print the stages and whether each is done, then stop")
